@@ -1,0 +1,213 @@
+"""The tenant adapter artifact and its in-place application to a resident base (METHOD.md, "The tenant artifact").
+
+On disk: `adapter.safetensors` (the tuned attn2 tensors in diffusers names, or LoRA factors, plus
+`text_encoder.token_embeddings` [n, d1] and `text_encoder_2.token_embeddings` [n, d2]) and
+`manifest.json`, written last. Both writes are atomic. A folder without a manifest is never loaded, and
+the tensor file must match the manifest's sha256.
+
+`AdapterHost` keeps one base resident and swaps adapters into it in place: apply changes only the attn2
+tensors and the reserved identifier-token rows; remove copies the saved base values back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from causalt2i.atomic import atomic_write_bytes, atomic_write_text, sha256_file
+from causalt2i.models import SDXLParts, attn2_state
+from causalt2i.spec import MAX_SUBJECTS
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "adapter.safetensors"
+MANIFEST_FILE = "manifest.json"
+TE1_ROWS = "text_encoder.token_embeddings"
+TE2_ROWS = "text_encoder_2.token_embeddings"
+
+
+class AdapterError(ValueError):
+    """An adapter that must not be loaded or applied; the message says why."""
+
+
+class AdapterSubject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str
+    class_word: str
+
+
+class AdapterManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    base_model: str
+    base_fingerprint: str
+    subjects: list[AdapterSubject]
+    param_mode: Literal["full", "lora"]
+    lora_rank: int | None = None
+    lora_scale: float | None = None
+    dtype: str
+    training: dict
+    metrics: dict = {}
+    tensors_sha256: str
+    tensors_bytes: int
+    tenant: str
+    name: str
+    step: int
+    created_at: float
+
+    @property
+    def tokens(self) -> list[str]:
+        return [s.token for s in self.subjects]
+
+
+@dataclass
+class Adapter:
+    manifest: AdapterManifest
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def pin_memory(self) -> "Adapter":
+        """Page-lock the tensors (CUDA only) so host→device copies are fast and asynchronous."""
+        if torch.cuda.is_available():
+            self.tensors = {k: v.pin_memory() for k, v in self.tensors.items()}
+        return self
+
+
+def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], manifest_fields: dict) -> AdapterManifest:
+    """Write the tensors, then the manifest (carrying their sha256) last; both atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(out_dir / TENSORS_FILE, save_safetensors(contiguous))
+    fields = {"created_at": time.time(), **manifest_fields}
+    manifest = AdapterManifest(
+        **fields,
+        tensors_sha256=sha256_file(out_dir / TENSORS_FILE),
+        tensors_bytes=(out_dir / TENSORS_FILE).stat().st_size,
+    )
+    atomic_write_text(out_dir / MANIFEST_FILE, manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def read_manifest(path: str | Path) -> AdapterManifest:
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise AdapterError(f"{path}: no {MANIFEST_FILE}; the adapter is incomplete or not an adapter, and is not loaded")
+    try:
+        manifest = AdapterManifest.model_validate(json.loads(manifest_path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise AdapterError(f"{manifest_path}: not a valid adapter manifest: {err}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise AdapterError(f"{manifest_path}: format version {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_adapter(path: str | Path) -> AdapterManifest:
+    """Check the manifest and that the tensor file's sha256 matches it; return the manifest."""
+    manifest = read_manifest(path)
+    tensor_path = Path(path) / TENSORS_FILE
+    if not tensor_path.is_file():
+        raise AdapterError(f"{path}: {TENSORS_FILE} is missing")
+    digest = sha256_file(tensor_path)
+    if digest != manifest.tensors_sha256:
+        raise AdapterError(f"{tensor_path}: sha256 {digest[:12]}… does not match the manifest's {manifest.tensors_sha256[:12]}…; the file is corrupt and is refused")
+    return manifest
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    manifest = verify_adapter(path)
+    tensors = load_file(str(Path(path) / TENSORS_FILE))
+    for key in (TE1_ROWS, TE2_ROWS):
+        if key not in tensors or tensors[key].shape[0] != len(manifest.subjects):
+            raise AdapterError(f"{path}: {key} is missing or does not have one row per subject")
+    return Adapter(manifest=manifest, tensors=tensors, path=Path(path))
+
+
+class AdapterHost:
+    """One resident base into which adapters are applied and removed in place.
+
+    On creation it grows both embedding tables by `MAX_SUBJECTS` reserved rows (identifier slots) and keeps
+    a copy of the base attn2 tensors (on `backup_device`, the model's device by default, so a switch is a
+    device-to-device copy). An adapter's tokens are mapped to slots; `token_ids` is what prompt encoding uses.
+    """
+
+    def __init__(self, parts: SDXLParts, *, backup_device: torch.device | str | None = None):
+        self.parts = parts
+        self.fingerprint = parts.base_fingerprint()
+        self._live = attn2_state(parts.unet)
+        device = backup_device or parts.device
+        self._backup = {k: v.detach().to(device, copy=True) for k, v in self._live.items()}
+        self._tables = []
+        for encoder in (parts.text_encoder, parts.text_encoder_2):
+            vocab = encoder.get_input_embeddings().weight.shape[0]
+            encoder.resize_token_embeddings(vocab + MAX_SUBJECTS, mean_resizing=False)
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[vocab:] = 0
+            self._tables.append((table, vocab))
+        self._slot_backup = [table[start:].detach().clone() for table, start in self._tables]
+        self.active: Adapter | None = None
+        self.token_ids: dict[str, int] = {}
+
+    def check(self, adapter: Adapter) -> None:
+        manifest = adapter.manifest
+        if manifest.base_fingerprint != self.fingerprint:
+            raise AdapterError(f"adapter {manifest.tenant}/{manifest.name} was tuned on a different base (fingerprint {manifest.base_fingerprint[:12]}…, this base {self.fingerprint[:12]}…)")
+        if len(manifest.subjects) > MAX_SUBJECTS:
+            raise AdapterError(f"adapter has {len(manifest.subjects)} subjects; at most {MAX_SUBJECTS} are supported")
+
+    @torch.no_grad()
+    def apply(self, adapter: Adapter) -> None:
+        """Swap `adapter` in (replacing any active one). Only attn2 tensors and slot rows change."""
+        self.check(adapter)
+        tensors = adapter.tensors
+        if adapter.manifest.param_mode == "full":
+            unknown = [k for k in tensors if k not in self._live and k not in (TE1_ROWS, TE2_ROWS)]
+            if unknown:
+                raise AdapterError(f"adapter has tensors this base lacks, e.g. {unknown[0]}")
+        # Every live tensor is written exactly once: the adapter's value, or the base's where it has none.
+        for name, live in self._live.items():
+            live.copy_(self._adapted_value(adapter, name), non_blocking=True)
+        for (table, start), saved in zip(self._tables, self._slot_backup):
+            table[start:] = saved
+        n = len(adapter.manifest.subjects)
+        for (table, start), key in zip(self._tables, (TE1_ROWS, TE2_ROWS)):
+            table[start : start + n] = tensors[key].to(table.device, table.dtype)
+        self.active = adapter
+        self.token_ids = {token: self._tables[0][1] + i for i, token in enumerate(adapter.manifest.tokens)}
+
+    def _adapted_value(self, adapter: Adapter, name: str) -> torch.Tensor:
+        tensors = adapter.tensors
+        live = self._live[name]
+        if adapter.manifest.param_mode == "full":
+            value = tensors.get(name)
+            return self._backup[name] if value is None else value.to(live.device, live.dtype, non_blocking=True)
+        prefix = name.rsplit(".", 1)[0]
+        a, b = tensors.get(f"{prefix}.lora_A.weight"), tensors.get(f"{prefix}.lora_B.weight")
+        if a is None or b is None or not name.endswith(".weight"):
+            return self._backup[name]
+        base = self._backup[name].float()
+        delta = (b.to(base.device).float() @ a.to(base.device).float()) * (adapter.manifest.lora_scale or 1.0)
+        return (base + delta).to(live.dtype)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Restore the base exactly as it was before `apply`."""
+        for name, live in self._live.items():
+            live.copy_(self._backup[name].to(live.device, non_blocking=True))
+        for (table, start), saved in zip(self._tables, self._slot_backup):
+            table[start:] = saved
+        self.active = None
+        self.token_ids = {}
