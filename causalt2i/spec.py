@@ -59,7 +59,7 @@ class StrictModel(BaseModel):
 
 
 class Subject(StrictModel):
-    token: Annotated[str, Field(pattern=r"^<[A-Za-z0-9_\-]{1,24}>$", description="identifier token, e.g. <s1>; must be new to the vocabulary")]
+    token: Annotated[str, Field(pattern=r"^(<[A-Za-z0-9_\-]{1,24}>|[a-z][a-z0-9]{1,23})$", description="identifier token, e.g. <s1> or a rare word like sks; must be new to the vocabulary")]
     class_word: Annotated[str, Field(min_length=1, max_length=48, description="the subject's class, e.g. cat")]
     images: Annotated[list[str], Field(min_length=1, max_length=MAX_IMAGES_PER_SUBJECT, description="reference images: JPEG, PNG or WebP")]
 
@@ -204,7 +204,9 @@ def check_spec_against_tokenizers(spec: TuningSpec, tokenizers: list) -> None:
     """Model-aware checks: each token is new to every tokenizer; each class word tokenizes to something."""
     for index, subject in enumerate(spec.subjects):
         for tokenizer in tokenizers:
-            if subject.token in tokenizer.get_vocab():
+            vocab = tokenizer.get_vocab()
+            # CLIP's BPE stores whole words with an end-of-word marker.
+            if subject.token in vocab or f"{subject.token}</w>" in vocab:
                 raise SpecError(f"subjects.{index}.token", f"{subject.token!r} is already in the vocabulary; pick a new token")
             ids = tokenizer(_SPACE.sub(" ", subject.class_word).strip(), add_special_tokens=False)["input_ids"]
             if not ids:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from causalt2i.models import SDXLParts
-from causalt2i.tokens import IDENTIFIER_PATTERN
+from causalt2i.tokens import token_pattern
 
 MAX_TOKENS = 77
 
@@ -36,7 +36,7 @@ def tokenize(tokenizer, prompt: str, token_ids: dict[str, int], *, field: str = 
     """BOS + ids + EOS for one prompt; identifier tokens are looked up in `token_ids`."""
     ids = [tokenizer.bos_token_id]
     position = 0
-    for match in IDENTIFIER_PATTERN.finditer(prompt):
+    for match in token_pattern(token_ids).finditer(prompt):
         piece = prompt[position : match.start()]
         if piece.strip():
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]

@@ -20,7 +20,15 @@ from torch import nn
 
 from causalt2i.models import SDXLParts
 
+# How identifier tokens look in a prompt; used to report one that a model does not have.
 IDENTIFIER_PATTERN = re.compile(r"<[A-Za-z0-9_\-]{1,24}>")
+
+
+def token_pattern(tokens) -> re.Pattern:
+    """Matches the given identifier tokens as whole words, and any other `<...>` token."""
+    known = [re.escape(t) for t in sorted(tokens, key=len, reverse=True)]
+    alternatives = [rf"(?<![\w<]){k}(?![\w>])" for k in known] + [IDENTIFIER_PATTERN.pattern]
+    return re.compile("|".join(alternatives))
 
 
 class TokenError(ValueError):
@@ -79,7 +87,8 @@ def add_identifier_tokens(parts: SDXLParts, tokens: list[str], class_words: list
     """
     for index, token in enumerate(tokens):
         for tokenizer in (parts.tokenizer, parts.tokenizer_2):
-            if token in tokenizer.get_vocab():
+            vocab = tokenizer.get_vocab()
+            if token in vocab or f"{token}</w>" in vocab:
                 raise TokenError(f"subjects.{index}.token", f"{token!r} is already in the vocabulary")
     added_1 = parts.tokenizer.add_tokens(tokens, special_tokens=False)
     added_2 = parts.tokenizer_2.add_tokens(tokens, special_tokens=False)

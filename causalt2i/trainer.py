@@ -88,7 +88,7 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.last_terms: dict[str, float] = {}
-        self._terminate = threading.Event()
+        self._stop_signal: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -148,7 +148,7 @@ class Trainer:
         self.lr_schedule.step()
         self.step += 1
         values = terms.as_floats()
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         self.last_terms = values
         return values
 
@@ -173,8 +173,8 @@ class Trainer:
         return path
 
     def _stop_requested(self) -> str | None:
-        if self._terminate.is_set():
-            return "sigterm"
+        if self._stop_signal:
+            return self._stop_signal
         if any(getattr(cb, "should_stop", None) and cb.should_stop() for cb in self.callbacks):
             return "cancelled"
         return None
@@ -183,7 +183,7 @@ class Trainer:
         """Train to `total_steps`, or stop once the global step reaches `max_steps` (leaving a checkpoint)."""
         stop_at = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         resumed_from = self.step or None
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_signals()
         try:
             started = time.perf_counter()
             done_here = 0
@@ -205,17 +205,21 @@ class Trainer:
                 return self._result(stopped_early=True, reason="max_steps", resumed_from=resumed_from)
             return self._result(stopped_early=False, reason=None, resumed_from=resumed_from, adapter_dir=self.export_adapter())
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
 
     def _result(self, *, stopped_early: bool, reason: str | None, resumed_from: int | None, adapter_dir: Path | None = None) -> TrainResult:
         return TrainResult(adapter_dir=adapter_dir, step=self.step, total_steps=self.total_steps, stopped_early=stopped_early, stop_reason=reason, losses=list(self.losses), resumed_from=resumed_from)
 
-    def _install_sigterm(self):
+    def _install_stop_signals(self) -> dict:
+        """SIGTERM and SIGINT finish the current step, write a checkpoint and return (see `fit`)."""
         # Signal handlers can only be set from the main thread (Ray workers may run us elsewhere).
         if threading.current_thread() is not threading.main_thread():
-            return None
-        return signal.signal(signal.SIGTERM, lambda *_: self._terminate.set())
+            return {}
+        previous = {}
+        for signum, name in ((signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")):
+            previous[signum] = signal.signal(signum, lambda *_, name=name: setattr(self, "_stop_signal", name))
+        return previous
 
     def export_adapter(self, out_dir: Path | None = None) -> Path:
         out_dir = out_dir or self.run_dir / ADAPTER_DIR

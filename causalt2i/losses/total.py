@@ -25,7 +25,7 @@ class LossTerms:
         return loss
 
     def as_floats(self) -> dict[str, float]:
-        values = {"cdm": float(self.cdm), "attn": float(self.attn), "cst": float(self.cst)}
+        values = {"cdm": float(self.cdm.detach()), "attn": float(self.attn.detach()), "cst": float(self.cst.detach())}
         if self.text is not None:
-            values["text"] = float(self.text)
+            values["text"] = float(self.text.detach())
         return values
