@@ -1,0 +1,100 @@
+"""The tenant artifact: bitwise round trip, exact apply/remove, refusal of corrupt or incomplete folders."""
+
+import shutil
+
+import pytest
+import torch
+
+from causalt2i.adapter import MANIFEST_FILE, TENSORS_FILE, AdapterError, AdapterHost, load_adapter, read_manifest
+from causalt2i.models import attn2_state, load_sdxl
+from causalt2i.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_spec_path, tmp_path_factory):
+    from causalt2i.spec import load_spec
+
+    torch.set_num_threads(1)
+    trainer = Trainer(load_spec(synthetic_spec_path), tmp_path_factory.mktemp("adapter") / "run")
+    for _ in range(2):
+        trainer.train_step()
+    return trainer, trainer.export_adapter()
+
+
+def _snapshot(parts):
+    state = {}
+    for prefix, module in (("unet", parts.unet), ("te1", parts.text_encoder), ("te2", parts.text_encoder_2)):
+        state.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return state
+
+
+def test_save_load_round_trip_is_bitwise(trained):
+    trainer, path = trained
+    adapter = load_adapter(path)
+    expected = trainer.model.adapter_tensors()
+    assert set(adapter.tensors) == set(expected)
+    for name, tensor in expected.items():
+        assert adapter.tensors[name].dtype == tensor.dtype
+        assert torch.equal(adapter.tensors[name], tensor), name
+    manifest = adapter.manifest
+    assert manifest.base_fingerprint == trainer.model.parts.base_fingerprint()
+    assert [s.token for s in manifest.subjects] == trainer.spec.tokens
+    assert manifest.param_mode == "full" and manifest.dtype == "bfloat16" and manifest.step == 2
+    assert manifest.tenant == trainer.spec.tenant and manifest.name == trainer.spec.name
+
+
+def test_apply_changes_only_attn2_and_token_rows_and_remove_restores_bitwise(trained):
+    _, path = trained
+    adapter = load_adapter(path)
+    parts = load_sdxl("tiny")
+    host = AdapterHost(parts)
+    base = _snapshot(parts)
+    host.apply(adapter)
+    applied = _snapshot(parts)
+    changed = {k for k in base if not torch.equal(base[k], applied[k])}
+    attn2 = {f"unet.{k}" for k in attn2_state(parts.unet)}
+    assert changed - attn2 == {"te1.embeddings.token_embedding.weight", "te2.text_model.embeddings.token_embedding.weight"}
+    assert changed & attn2, "the adapter's attn2 tensors were not applied"
+    slot = host.token_ids[adapter.manifest.tokens[0]]
+    assert torch.equal(parts.text_encoder.get_input_embeddings().weight[slot], adapter.tensors["text_encoder.token_embeddings"][0])
+    host.remove()
+    restored = _snapshot(parts)
+    for name, tensor in base.items():
+        assert torch.equal(restored[name], tensor), name
+    assert host.token_ids == {}
+
+
+def test_a_flipped_byte_is_refused(trained, tmp_path):
+    _, path = trained
+    copy = tmp_path / "adapter"
+    shutil.copytree(path, copy)
+    tensors = copy / TENSORS_FILE
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="sha256"):
+        load_adapter(copy)
+
+
+def test_an_artifact_without_its_manifest_is_never_loaded(trained, tmp_path):
+    _, path = trained
+    copy = tmp_path / "adapter"
+    shutil.copytree(path, copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(AdapterError, match="no manifest.json"):
+        load_adapter(copy)
+    with pytest.raises(AdapterError):
+        read_manifest(copy)
+
+
+def test_an_adapter_for_another_base_is_refused(trained):
+    _, path = trained
+    other = AdapterHost(load_sdxl("tiny", seed=1))
+    with pytest.raises(AdapterError, match="different base"):
+        other.apply(load_adapter(path))
+    assert other.active is None
+
+
+def test_no_temporary_files_are_left_behind(trained):
+    _, path = trained
+    assert sorted(p.name for p in path.iterdir()) == sorted([TENSORS_FILE, MANIFEST_FILE])
