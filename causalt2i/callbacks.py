@@ -53,10 +53,14 @@ class ProgressCallback:
         elif info.step % self.every == 0 or info.step == info.total_steps:
             print(f"step {info.step}/{info.total_steps} loss={info.loss:.4g} {terms} {info.seconds_per_step:.3f}s/step eta {_fmt_eta(info.eta_seconds)}", file=self.stream, flush=True)
 
-    def on_checkpoint(self, step: int, path: Path, diagnostics: dict | None = None) -> None:
-        line = f"checkpoint step {step}: {path}"
-        if diagnostics:
-            line += " " + " ".join(f"{k}={v}" for k, v in diagnostics.items())
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self._write(f"checkpoint step {step}: {path}")
+
+    def on_diagnostics(self, step: int, diagnostics: dict) -> None:
+        """Mask mean/std per M_i and γ̃ entropies: a mask spread near 0 means SaCD has not learned yet."""
+        self._write(f"diagnostics step {step}: " + " ".join(f"{k}={v}" for k, v in diagnostics.items()))
+
+    def _write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line)
         else:
