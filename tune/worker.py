@@ -1,0 +1,69 @@
+"""The Ray Train worker loop: one CausalT2I fine-tune, data-parallel over the merged canvases.
+
+Every rank reports the same number of times (at each checkpoint step), each with its DeepSpeed shard,
+so Ray Train merges one complete checkpoint per report. On a restart after a failure the loop resumes
+from `ray.train.get_checkpoint()`, and reports the step it resumed from. At the last step rank 0 also
+exports the adapter into the checkpoint, under `adapter/`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from causalt2i.spec import TuningSpec
+from causalt2i.trainer import Trainer
+from tune.engine import attach_deepspeed, load_deepspeed_checkpoint, save_deepspeed_checkpoint
+
+ADAPTER_SUBDIR = "adapter"
+
+
+def _maybe_inject_fault(fault: dict | None, rank: int, step: int) -> None:
+    """Test hook: kill this worker process (SIGKILL, no cleanup) once, at `fault['step']` on `fault['rank']`."""
+    if not fault or rank != fault["rank"] or step != fault["step"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    spec = TuningSpec.model_validate(config["spec"])
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    device = ray.train.torch.get_device()
+    scratch = Path(tempfile.mkdtemp(prefix="ct2i-worker-"))
+    trainer = Trainer(spec, scratch, device=device, rank=rank, world_size=world_size)
+    engine = attach_deepspeed(trainer, zero_stage=int(config.get("zero_stage", 2)))
+
+    resumed_from = -1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resumed_from = load_deepspeed_checkpoint(trainer, engine, directory)
+
+    progress = config.get("progress")  # a callable(info dict) on rank 0 only, e.g. the control plane's job row
+    total = trainer.total_steps
+    every = spec.train.checkpoint_every
+    while trainer.step < total:
+        terms = trainer.train_step()
+        _maybe_inject_fault(config.get("fault"), rank, trainer.step)
+        if progress is not None and rank == 0:
+            progress({"step": trainer.step, "total_steps": total, "loss": trainer.losses[-1], **terms})
+        if trainer.step % every and trainer.step != total:
+            continue
+        metrics = {"step": trainer.step, "total_steps": total, "loss": trainer.losses[-1], "resumed_from": resumed_from, **terms, **{f"diag_{k}": v for k, v in trainer.model.diagnostics().items()}}
+        with tempfile.TemporaryDirectory(prefix="ct2i-ckpt-") as directory:
+            save_deepspeed_checkpoint(trainer, engine, directory)
+            if trainer.step == total and rank == 0:
+                trainer.export_adapter(Path(directory) / ADAPTER_SUBDIR)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
