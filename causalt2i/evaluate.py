@@ -28,7 +28,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from causalt2i.adapter import Adapter, AdapterSubject
 from causalt2i.atomic import atomic_write_bytes, atomic_write_text
@@ -99,6 +99,14 @@ class EvalConfig(BaseModel):
     width: int | None = None
     height: int | None = None
     kid_subsets: Annotated[int, Field(ge=1, description="random subsets KID averages over")] = 100
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"repeats {repeated}; a repeated seed repeats an image and deflates LPIPS diversity")
+        return seeds
 
 
 class SubjectMetrics(BaseModel):
@@ -267,6 +275,9 @@ def evaluate_adapter(
     prompt_subjects = [_prompt_subjects(prompt, tokens, index) for index, prompt in enumerate(prompts)]
     for index, prompt in enumerate(prompts):
         tokenize(parts.tokenizer, prompt, generator.host.token_ids, field=f"prompts.{index}")
+    unnamed = [token for token in tokens if not any(token in named for named in prompt_subjects)]
+    if unnamed:
+        raise GenerationError("prompts", f"no prompt names {', '.join(unnamed)}; every subject needs at least one, or it has no metrics")
     request_fields = {
         "negative_prompt": config.negative_prompt,
         "steps": config.steps,
@@ -323,8 +334,6 @@ def evaluate_adapter(
     for subject in subjects:
         token = subject.token
         rows = [row for row in prompt_rows if token in row.subjects]
-        if not rows:
-            raise GenerationError("prompts", f"no prompt names {token}; every subject needs at least one")
         generated = torch.cat(inception_per_subject[token])
         kid_mean = kid_std = note = None
         if generated.shape[0] >= 2 and reference_inception[token].shape[0] >= 2:

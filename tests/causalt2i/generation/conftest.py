@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from causalt2i.adapter import Adapter, load_adapter
@@ -20,6 +21,15 @@ from causalt2i.trainer import train
 
 TINY_STEPS = 3
 TINY_SIDE = 64
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared CPU the thread pool's spinning costs ~6x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def train_tiny_adapter(root: Path, *, name: str, seed: int, lr: float = 1e-3) -> Path:
