@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ def _maybe_inject_fault(fault: dict | None, rank: int, step: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"killed rank {rank} at step {step}\n")
+    # Give the controller time to collect the reports already made, as real step times would.
+    time.sleep(float(fault.get("delay_s", 3.0)))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -51,17 +54,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             resumed_from = load_deepspeed_checkpoint(trainer, engine, directory)
 
-    progress = config.get("progress")  # a callable(info dict) on rank 0 only, e.g. the control plane's job row
     total = trainer.total_steps
     every = spec.train.checkpoint_every
+    progress_every = max(1, int(config.get("progress_every", 10)))
+    started, done_here = time.perf_counter(), 0
     while trainer.step < total:
         terms = trainer.train_step()
+        done_here += 1
         _maybe_inject_fault(config.get("fault"), rank, trainer.step)
-        if progress is not None and rank == 0:
-            progress({"step": trainer.step, "total_steps": total, "loss": trainer.losses[-1], **terms})
-        if trainer.step % every and trainer.step != total:
+        checkpoint_due = trainer.step % every == 0 or trainer.step == total
+        if not checkpoint_due and trainer.step % progress_every:
             continue
-        metrics = {"step": trainer.step, "total_steps": total, "loss": trainer.losses[-1], "resumed_from": resumed_from, **terms, **{f"diag_{k}": v for k, v in trainer.model.diagnostics().items()}}
+        per_step = (time.perf_counter() - started) / done_here
+        metrics = {"step": trainer.step, "total_steps": total, "loss": trainer.losses[-1], "resumed_from": resumed_from,
+                   "seconds_per_step": per_step, "eta_seconds": per_step * (total - trainer.step), **terms}
+        if not checkpoint_due:
+            ray.train.report(metrics)  # progress only; every rank reports, so reports stay in step
+            continue
+        metrics.update({f"diag_{k}": v for k, v in trainer.model.diagnostics().items()})
         with tempfile.TemporaryDirectory(prefix="ct2i-ckpt-") as directory:
             save_deepspeed_checkpoint(trainer, engine, directory)
             if trainer.step == total and rank == 0:
