@@ -125,6 +125,64 @@ class Resources(StrictModel):
         return self.num_workers * self.gpus_per_worker
 
 
+class Distribution(StrictModel):
+    """One search dimension: exactly one of `loguniform: [low, high]`, `uniform: [low, high]`, `choice: [...]`."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    choice: Annotated[list[float] | None, Field(min_length=1)] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform or choice")
+        bounds = self.loguniform or self.uniform
+        if bounds is not None:
+            low, high = bounds
+            if not low < high:
+                raise ValueError(f"{given[0]}: low must be below high, got [{low}, {high}]")
+            if self.loguniform is not None and low <= 0:
+                raise ValueError("loguniform: bounds must be positive")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        if self.choice is not None:
+            return min(self.choice), max(self.choice)
+        return self.loguniform or self.uniform  # type: ignore[return-value]
+
+
+class ScoreWeights(StrictModel):
+    """Trial score = clip_i·CLIP-I + clip_t·CLIP-T + kid·KID (+ lpips·LPIPS); higher is better."""
+
+    clip_i: float = 1.0
+    clip_t: float = 1.0
+    kid: float = -1.0
+    lpips: float = 0.0
+
+
+class SearchConfig(StrictModel):
+    num_samples: Annotated[int, Field(ge=1, le=256)] = 8
+    max_concurrent: Annotated[int, Field(ge=1, le=64)] = 2
+    alpha: Distribution = Distribution(loguniform=(1.0e-4, 1.0e-2))
+    lambda_attn: Distribution = Distribution(uniform=(0.1, 2.0))
+    guidance_scale: Distribution = Distribution(choice=[5.0, 7.5, 9.0])
+    eval_prompts: Annotated[int, Field(ge=1, le=20)] = 2
+    eval_seeds: Annotated[list[int], Field(min_length=1, max_length=16)] = [0, 1]
+    eval_steps: Annotated[int, Field(ge=1, le=200, description="sampling steps when scoring a trial")] = 30
+    score: ScoreWeights = ScoreWeights()
+    searcher: Literal["auto", "optuna", "random"] = "auto"
+    grace_period: Annotated[int | None, Field(gt=0, description="ASHA: steps before a trial may be stopped; null = a quarter of the steps")] = None
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance_range(cls, value: Distribution) -> Distribution:
+        low, high = value.bounds()
+        if low < 0 or high > 30:
+            raise ValueError("guidance_scale must lie within 0..30")
+        return value
+
+
 class TuningSpec(StrictModel):
     tenant: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,40}$")]
     name: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,60}$")]
@@ -133,6 +191,7 @@ class TuningSpec(StrictModel):
     subjects: Annotated[list[Subject], Field(min_length=1, max_length=MAX_SUBJECTS)]
     train: TrainConfig = TrainConfig()
     resources: Resources = Resources()
+    search: SearchConfig | None = None
 
     @model_validator(mode="after")
     def _unique_tokens(self) -> "TuningSpec":

@@ -66,6 +66,29 @@ def build_torch_trainer(spec: TuningSpec, *, name: str, storage: str, use_gpu: b
     )
 
 
+class UnplaceableJob(ValueError):
+    """A worker asks for more than any node of the cluster has: Ray would leave it pending forever."""
+
+
+def check_placeable(spec: TuningSpec, *, use_gpu: bool) -> None:
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    want_cpu = spec.resources.cpus_per_worker
+    want_gpu = spec.resources.gpus_per_worker if use_gpu else 0.0
+    if any(node.get("CPU", 0) >= want_cpu and node.get("GPU", 0) >= want_gpu for node in nodes):
+        return
+    largest = max(((n.get("CPU", 0), n.get("GPU", 0)) for n in nodes), default=(0, 0))
+    # Autoscaling clusters (KubeRay) may add bigger nodes than exist now: only refuse without an autoscaler.
+    if ray.cluster_resources().get("CPU", 0) and not _autoscaling():
+        raise UnplaceableJob(f"resources: a worker needs {want_cpu:g} CPU and {want_gpu:g} GPU, but the largest node has "
+                             f"{largest[0]:g} CPU and {largest[1]:g} GPU")
+
+
+def _autoscaling() -> bool:
+    import os
+
+    return os.environ.get("CT2I_AUTOSCALING", "0") == "1"
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def _fit(trainer) -> dict:
     result = trainer.fit()
@@ -82,6 +105,12 @@ def ray_train_fn(spec: TuningSpec, run_dir: Path, *, resume: bool = True, callba
     name = run_name(spec.tenant, target.job_id if target else Path(run_dir).parent.name)
     storage = storage_path(target.settings.artifacts_uri) if target else str(Path(run_dir) / "ray-train")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if spec.search is not None:
+        from tune.search import run_search
+
+        # A search polls the same fence itself, through a Tune stopper.
+        return run_search(spec, run_dir, storage=storage, use_gpu=use_gpu, fence=fence,
+                          job_id=target.job_id if target else None)
     trainer = build_torch_trainer(spec, name=name, storage=storage, use_gpu=use_gpu, progress=target, fault=fault)
     ref = _fit.remote(trainer)
     while True:

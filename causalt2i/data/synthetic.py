@@ -232,6 +232,9 @@ def write_synthetic_spec(
         data["train"]["steps"] = steps
     if gpus_per_worker is not None:
         data["resources"] = {"gpus_per_worker": gpus_per_worker}
+        if gpus_per_worker == 0:
+            # A CPU-only spec for this machine: the default 4 CPUs per worker would never be placed on 2 cores.
+            data["resources"]["cpus_per_worker"] = 1
     parse_spec(data, base_dir=out_dir, check_files=False)  # a bad argument fails here, before any write
 
     make_synthetic_subjects(

@@ -1,0 +1,92 @@
+"""`ray job submit -- python -m tune.job` against a real local head, as a batch user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from causalt2i.data.synthetic import write_synthetic_spec
+from cluster.config import ControlPlaneSettings
+from cluster.service import ControlPlane
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ct2i-home")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CT2I_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ct2i-torch-extensions"))}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = _free_port(), _free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    yield env, f"http://127.0.0.1:{dashboard}", home
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(env: dict, address: str, home: Path, *args: str) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": {"CT2I_HOME": str(home), "RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": env["TORCH_EXTENSIONS_DIR"]}}
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "tune.job", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
+
+
+def _settings(home: Path) -> ControlPlaneSettings:
+    saved = os.environ.get("CT2I_HOME")
+    os.environ["CT2I_HOME"] = str(home)
+    try:
+        return ControlPlaneSettings.from_env()
+    finally:
+        if saved is None:
+            os.environ.pop("CT2I_HOME")
+        else:
+            os.environ["CT2I_HOME"] = saved
+
+
+def test_a_batch_of_two_tenants_publishes_each_adapter_under_its_tenant(head, tmp_path):
+    env, address, home = head
+    acme = write_synthetic_spec(tmp_path / "acme", tenant="acme", name="pets", steps=2, gpus_per_worker=0, images_per_subject=2)
+    globex = write_synthetic_spec(tmp_path / "globex", tenant="globex", name="toys", steps=2, gpus_per_worker=0, images_per_subject=2, seed=3)
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(yaml.safe_dump({"jobs": [str(acme), str(globex)]}))
+    result = _submit(env, address, home, str(batch), "--create-tenants")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "acme/pets" in result.stdout and "globex/toys" in result.stdout
+    plane = ControlPlane.open(_settings(home))
+    for tenant, name in (("acme", "pets"), ("globex", "toys")):
+        adapters = plane.list_adapters(tenant)
+        assert [(a.tenant, a.name) for a in adapters] == [(tenant, name)]
+        jobs = plane.list_jobs(tenant)
+        assert [j.state for j in jobs] == ["succeeded"]
+
+
+def test_a_bad_spec_fails_the_job_with_the_field_named_and_publishes_nothing(head, tmp_path):
+    env, address, home = head
+    spec_path = write_synthetic_spec(tmp_path / "bad", tenant="initech", name="broken", steps=2, gpus_per_worker=0, images_per_subject=2)
+    data = yaml.safe_load(spec_path.read_text())
+    data["train"]["resolution"] = 100
+    spec_path.write_text(yaml.safe_dump(data))
+    result = _submit(env, address, home, str(spec_path), "--create-tenants")
+    assert result.returncode != 0
+    assert "train.resolution" in result.stdout + result.stderr
+    plane = ControlPlane.open(_settings(home))
+    assert "initech" not in [t.name for t in plane.list_tenants()], "a refused batch must not create its tenants"
+    assert [j for j in plane.list_jobs(None) if j.tenant == "initech"] == []
+    assert [a for a in plane.list_adapters(None) if a.tenant == "initech"] == []
