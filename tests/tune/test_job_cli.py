@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
 import os
 import socket
 import subprocess
@@ -34,11 +37,17 @@ def head(tmp_path_factory):
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ct2i-torch-extensions"))}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
+    # Its own temp dir (short: Ray's socket paths live under it) marks every process of this head, so the
+    # teardown stops this head alone; `ray stop` would stop every Ray on the machine.
+    temp_dir = tempfile.mkdtemp(prefix="ct2i-ray-", dir="/tmp")
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+                    "--disable-usage-stats", "--temp-dir", temp_dir], env=env, check=True, capture_output=True, timeout=180)
     yield env, f"http://127.0.0.1:{dashboard}", home
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    for signal_name in ("TERM", "KILL"):
+        subprocess.run(["pkill", f"-{signal_name}", "-f", temp_dir], capture_output=True)
+        time.sleep(2)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(env: dict, address: str, home: Path, *args: str) -> subprocess.CompletedProcess:
