@@ -68,8 +68,12 @@ class CausalT2I(nn.Module):
             module.rows.requires_grad_(True)
         if self.config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
-        # Registered as submodules so .to(), state_dict() and DeepSpeed see them; the frozen parts are not.
-        self.token_rows = nn.ModuleList(identifier_embeddings(parts))
+        # The modules that hold trainable tensors are registered as submodules, so DeepSpeed (which
+        # requires every optimizer parameter to be a named parameter of its model) and .train() see them.
+        # The VAE and E_I stay outside: they are frozen and only ever run forward.
+        self.unet = parts.unet
+        self.text_encoder = parts.text_encoder
+        self.text_encoder_2 = parts.text_encoder_2
         self.sacd.to(parts.device)
         self.channel_weights.to(parts.device)
 
@@ -121,6 +125,9 @@ class CausalT2I(nn.Module):
         if device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def forward(self, example: CachedExample, noise: torch.Tensor, timesteps: torch.Tensor) -> LossTerms:
+        return self.loss(example, noise, timesteps)
 
     def loss(self, example: CachedExample, noise: torch.Tensor, timesteps: torch.Tensor) -> LossTerms:
         """The terms of Eq. 13 for one example, with the noise ε and timestep t given by the caller."""

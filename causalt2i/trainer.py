@@ -37,6 +37,20 @@ SPEC_FILE = "spec.json"
 WEIGHT_DECAY = 1e-2
 
 
+class LocalOptimizerStep:
+    """backward + AdamW step in this process. A distributed runner swaps in its own (e.g. a DeepSpeed engine)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_schedule):
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path | None
@@ -61,8 +75,14 @@ class Trainer:
         device: torch.device | str | None = None,
         callbacks: Sequence[TrainerCallback] = (),
         parts: SDXLParts | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        """`rank`/`world_size`: data parallelism over the merged canvases. Every rank walks the same epoch
+        order and noise stream; step s gives rank r the r-th of the next `world_size` draws."""
         self.spec = spec
+        self.rank = rank
+        self.world_size = world_size
         self.cfg = spec.train
         self.run_dir = Path(run_dir)
         self.callbacks = list(callbacks)
@@ -82,6 +102,7 @@ class Trainer:
         self.examples = [self.model.cache_example(canvas, latent_generator) for canvas in canvases]
         self.optimizer = torch.optim.AdamW(self.model.param_groups(), weight_decay=WEIGHT_DECAY)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.optimizer_step = LocalOptimizerStep(self.optimizer, self.lr_schedule)
         self.noise_generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         self.order_rng = random.Random(self.cfg.seed + 2)
         self.epoch_order: list[int] = []
@@ -95,17 +116,31 @@ class Trainer:
         return self.spec.total_steps
 
     # --- state ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def progress_state(self) -> dict:
+        """Everything but tensors and optimizer: step, RNG states, data order, losses."""
         return {
             "step": self.step,
-            "trainable": {k: v.detach().to("cpu").clone() for k, v in self.model.named_trainable().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
             "order_rng": self.order_rng.getstate(),
             "epoch_order": list(self.epoch_order),
             "losses": list(self.losses),
             "last_terms": dict(self.last_terms),
+        }
+
+    def load_progress_state(self, state: dict) -> None:
+        self.noise_generator.set_state(state["noise_generator"])
+        self.order_rng.setstate(state["order_rng"])
+        self.epoch_order = list(state["epoch_order"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        self.last_terms = dict(state.get("last_terms", {}))
+
+    def state_dict(self) -> dict:
+        return {
+            **self.progress_state(),
+            "trainable": {k: v.detach().to("cpu").clone() for k, v in self.model.named_trainable().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,12 +153,7 @@ class Trainer:
                 tensor.copy_(state["trainable"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.noise_generator.set_state(state["noise_generator"])
-        self.order_rng.setstate(state["order_rng"])
-        self.epoch_order = list(state["epoch_order"])
-        self.step = int(state["step"])
-        self.losses = list(state["losses"])
-        self.last_terms = dict(state.get("last_terms", {}))
+        self.load_progress_state(state)
 
     # --- one step -------------------------------------------------------------------------------------
     def _next_example(self) -> int:
@@ -132,20 +162,27 @@ class Trainer:
             self.order_rng.shuffle(self.epoch_order)
         return self.epoch_order.pop()
 
+    def _draw(self) -> tuple:
+        """This rank's example, noise ε and timestep t for the next step (all ranks draw alike)."""
+        num_timesteps = self.model.parts.noise_scheduler.config.num_train_timesteps
+        mine = None
+        for replica in range(self.world_size):
+            example = self.examples[self._next_example()]
+            # A CPU generator, so the sequence is the same on any device and restorable.
+            noise = torch.randn(example.latents.shape, generator=self.noise_generator)
+            timesteps = torch.randint(0, num_timesteps, (1,), generator=self.noise_generator)
+            if replica == self.rank:
+                mine = (example, noise.to(self.device), timesteps.to(self.device))
+        return mine
+
     def train_step(self) -> dict[str, float]:
-        example = self.examples[self._next_example()]
-        # Drawn on a CPU generator, so the sequence is the same on any device and restorable.
-        noise = torch.randn(example.latents.shape, generator=self.noise_generator).to(self.device)
-        timesteps = torch.randint(0, self.model.parts.noise_scheduler.config.num_train_timesteps, (1,), generator=self.noise_generator).to(self.device)
+        example, noise, timesteps = self._draw()
         self.model.train()
-        terms = self.model.loss(example, noise, timesteps)
+        terms = self.model(example, noise, timesteps)
         loss = terms.total()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is not finite at step {self.step + 1}: {terms.as_floats()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.lr_schedule.step()
+        self.optimizer_step(loss)
         self.step += 1
         values = terms.as_floats()
         self.losses.append(float(loss.detach()))

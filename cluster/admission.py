@@ -217,4 +217,8 @@ class FairShareQueue:
             self._reindex(tenant_name)
         for tenant_name in parked:
             self._reindex(tenant_name)
+        # Heads the loop never reached because capacity ran out still say why they wait.
+        for name, queue in self._queues.items():
+            if queue and queue[0].id not in decision.reasons and queue[0].demand_gpus > free_gpus + EPSILON_GPUS:
+                decision.reasons[queue[0].id] = f"waiting for capacity: needs {queue[0].demand_gpus:g} GPUs, {max(free_gpus, 0):g} free"
         return decision

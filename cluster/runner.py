@@ -228,17 +228,22 @@ def _run_attempt_task(settings_json: dict, job_id: str, attempt: int, train_fn: 
 class RayTaskRunner:
     """Runs `execute_attempt` (the method-core trainer) as one Ray task per attempt."""
 
-    def __init__(self, train_fn: TrainFn | None = None, num_cpus: float = 1.0):
+    def __init__(self, train_fn: TrainFn | None = None, num_cpus: float = 1.0, hold_gpus: bool = True,
+                 task_name: str = "ct2i-run"):
+        """`hold_gpus=False` (with `num_cpus=0`) when `train_fn` starts its own workers that hold the resources,
+        as a Ray Train driver does."""
         self.train_fn = train_fn
         self.num_cpus = num_cpus
+        self.hold_gpus = hold_gpus
+        self.task_name = task_name
 
     def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any:
         import ray
 
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        has_gpus = self.hold_gpus and ray.cluster_resources().get("GPU", 0) > 0
         task = ray.remote(_run_attempt_task).options(
             num_cpus=self.num_cpus, num_gpus=request.gpus_per_worker if has_gpus else 0, max_retries=0,
-            name=f"ct2i-run:{request.tenant}/{request.job_id}#{request.attempt}")
+            name=f"{self.task_name}:{request.tenant}/{request.job_id}#{request.attempt}")
         return task.remote(settings.model_dump(mode="json"), request.job_id, request.attempt, self.train_fn)
 
     def poll(self, handle: Any) -> str | None:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.config import ControlPlaneSettings
     from cluster.scheduler import get_or_create_scheduler
     from cluster.service import ControlPlane, NotFound, ServiceError
-    from tune.runner import RayTrainRunner
+    from tune.runner import ray_train_runner
 
     settings = ControlPlaneSettings.from_env()
     plane = ControlPlane.open(settings)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not ray.is_initialized():
         ray.init(address="auto", namespace=settings.ray_namespace)
-    scheduler = get_or_create_scheduler(settings, RayTrainRunner())
+    scheduler = get_or_create_scheduler(settings, ray_train_runner())
     scheduler.wake.remote()
 
     last: dict[str, str] = {}

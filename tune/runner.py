@@ -1,4 +1,4 @@
-"""`RayTrainRunner`: the control plane's `Runner` that runs each admitted job as a Ray Train run.
+"""`ray_train_runner`: the control plane's `Runner` that runs each admitted job as a Ray Train run.
 
 The attempt's driver is a Ray task holding no resources (the Train workers hold the GPUs and CPUs the
 spec's `resources` section asks for). It reuses the control plane's attempt body
@@ -13,18 +13,13 @@ attempt, `FailureConfig(max_failures=2)` restarts lost workers from the last rep
 from __future__ import annotations
 
 import shutil
-import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import ray
 
 from causalt2i.spec import TuningSpec
 from causalt2i.trainer import TrainResult
-from cluster.config import ControlPlaneSettings
-from cluster.runner import LaunchRequest, _run_attempt_task
+from cluster.runner import RayTaskRunner
 from tune.progress import JobProgressCallback, ProgressTarget
 from tune.worker import ADAPTER_SUBDIR, train_loop_per_worker
 
@@ -134,33 +129,11 @@ def ray_train_fn(spec: TuningSpec, run_dir: Path, *, resume: bool = True, callba
                        stopped_early=False, resumed_from=resumed if resumed >= 0 else None)
 
 
-class RayTrainRunner:
-    """Launches `execute_attempt(train_fn=ray_train_fn)` as a zero-resource Ray task per attempt."""
-
-    def __init__(self, fault: dict | None = None):
-        self.fault = fault
-
-    def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any:
-        train_fn = ray_train_fn if self.fault is None else _with_fault(self.fault)
-        task = ray.remote(_run_attempt_task).options(num_cpus=0, num_gpus=0, max_retries=0,
-                                                     name=f"ct2i-train:{request.tenant}/{request.job_id}#{request.attempt}")
-        return task.remote(settings.model_dump(mode="json"), request.job_id, request.attempt, train_fn)
-
-    def poll(self, handle: Any) -> str | None:
-        ready, _ = ray.wait([handle], timeout=0)
-        if not ready:
-            return None
-        try:
-            ray.get(handle)
-            return ""
-        except Exception as err:
-            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
-
-    def cancel(self, handle: Any) -> None:
-        try:
-            ray.cancel(handle, force=False)
-        except Exception:
-            pass
+def ray_train_runner(fault: dict | None = None) -> RayTaskRunner:
+    """The control plane's runner for Ray Train: a zero-resource driver task per attempt running
+    `execute_attempt(train_fn=ray_train_fn)`; the Train workers hold the job's CPUs and GPUs."""
+    train_fn = ray_train_fn if fault is None else _with_fault(fault)
+    return RayTaskRunner(train_fn=train_fn, num_cpus=0, hold_gpus=False, task_name="ct2i-train")
 
 
 def _with_fault(fault: dict):

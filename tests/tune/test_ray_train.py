@@ -9,7 +9,7 @@ from causalt2i.adapter import AdapterHost, load_adapter
 from causalt2i.models import load_sdxl
 from cluster.scheduler import Scheduler
 from tests.tune.conftest import run_until_done, two_subject_spec
-from tune.runner import RayTrainRunner
+from tune.runner import ray_train_runner
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def test_two_workers_with_a_killed_worker_resume_and_publish_an_adapter_that_app
     spec, images = two_subject_spec("acme", "cat-dog", steps=6, checkpoint_every=2, num_workers=2)
     job = plane.submit("acme", spec, images)
     marker = tmp_path / "fault-fired"
-    runner = RayTrainRunner(fault={"rank": 1, "step": 3, "marker": str(marker), "delay_s": 3.0})
+    runner = ray_train_runner(fault={"rank": 1, "step": 3, "marker": str(marker), "delay_s": 3.0})
     scheduler = Scheduler(settings, runner)
     run_until_done(scheduler, plane, [job.id], timeout=800)
 
