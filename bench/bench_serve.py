@@ -1,0 +1,151 @@
+"""Serving overhead and multi-tenant throughput on a local Serve (tiny preset, CPU by default).
+
+    .venv/bin/python bench/bench_serve.py [--steps 4] [--size 64] [--requests 30] [--concurrency 4]
+
+1. Overhead: p50 of `POST /v1/generate` (PNG, one adapter, sequential) against p50 of a direct call of the
+   same generation in this process (`causalt2i.generation.Generator` with the adapter applied, PNG-encoded,
+   one torch thread as in the replica). Target ≤ 1.3×.
+2. Throughput: requests/s at `--concurrency` when two tenants' adapters alternate, against one tenant only.
+   Target ≥ 0.9×.
+
+Starts its own Ray (address="local", 2 CPUs) and control plane in a temp dir; prints a table; no assertions.
+Record the figures in BENCHMARKS.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=30, help="requests per measurement")
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    import httpx
+    import ray
+    import torch
+    from ray import serve
+
+    from causalt2i.adapter import load_adapter
+    from causalt2i.generation import Generator
+    from causalt2i.models import load_sdxl
+    from cluster.config import ControlPlaneSettings
+    from cluster.schemas import Quotas
+    from cluster.service import ControlPlane
+    from serve.app import build_app
+    from serve.generator import png_bytes
+    from tests.serve.adapters import publish, write_adapter
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    settings = ControlPlaneSettings(home=work / "home", database_url=f"sqlite:///{work / 'ct2i.db'}",
+                                    artifacts_uri=str(work / "artifacts"), capacity_gpus=1)
+    plane = ControlPlane.open(settings)
+    keys, dirs = {}, {}
+    for index, tenant in enumerate(("alpha", "beta")):
+        plane.create_tenant(tenant, Quotas(generate_rpm=1_000_000))
+        keys[tenant] = plane.create_key("tenant", tenant).key
+        dirs[tenant] = write_adapter(work / "adapters" / tenant, tenant=tenant, name="pets", seed=index + 1)
+        publish(plane, tenant, "pets", dirs[tenant])
+
+    def body(seed: int) -> dict:
+        return {"adapter": "pets", "prompt": "a photo of <s1> cat", "steps": args.steps, "guidance_scale": 5.0,
+                "seed": seed, "width": args.size, "height": args.size}
+
+    # Direct: the same generation in this process, one thread like the replica (num_cpus=1).
+    torch.set_num_threads(1)
+    direct = Generator(load_sdxl("tiny"))
+    direct.use(load_adapter(dirs["alpha"]))
+    direct_times = []
+    for seed in range(args.requests + 2):
+        started = time.perf_counter()
+        result = direct({"prompt": "a photo of <s1> cat", "steps": args.steps, "guidance": 5.0, "seed": seed,
+                         "width": args.size, "height": args.size})
+        png_bytes(result.images[0])
+        direct_times.append(time.perf_counter() - started)
+    direct_times = direct_times[2:]  # the first calls warm up allocator and kernels
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, max_adapters=4, generator_options={"ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},
+                            ingress_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}), name="ct2i", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        clients = {t: httpx.Client(base_url=base, headers={"Authorization": f"Bearer {k}"}, timeout=300) for t, k in keys.items()}
+        for tenant in keys:  # warm up: load both adapters, first forward passes
+            for seed in range(2):
+                clients[tenant].post("/v1/generate", json=body(seed)).raise_for_status()
+
+        http_times = []
+        for seed in range(args.requests):
+            started = time.perf_counter()
+            clients["alpha"].post("/v1/generate", json=body(seed)).raise_for_status()
+            http_times.append(time.perf_counter() - started)
+
+        def throughput(tenants: list[str]) -> float:
+            def one(i: int) -> None:
+                tenant = tenants[i % len(tenants)]
+                clients[tenant].post("/v1/generate", json=body(1000 + i)).raise_for_status()
+
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(one, range(args.requests)))
+            return args.requests / (time.perf_counter() - started)
+
+        one_tenant = throughput(["alpha"])
+        two_tenants = throughput(["alpha", "beta"])
+        one_tenant_again = throughput(["alpha"])  # bracket the alternating run against drift in machine load
+        stats = serve.get_deployment_handle("Generator", app_name="ct2i").stats.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    direct_p50, http_p50 = statistics.median(direct_times), statistics.median(http_times)
+    single = (one_tenant + one_tenant_again) / 2
+    print(f"\nServe benchmark: tiny preset, {args.steps} steps at {args.size}x{args.size}, CPU ({os.cpu_count()} cores), "
+          f"{args.requests} requests per row")
+    print("| measure | value | target |")
+    print("| --- | --- | --- |")
+    print(f"| direct call p50 / p99 | {direct_p50 * 1000:.0f} / {_percentile(direct_times, 0.99) * 1000:.0f} ms | |")
+    print(f"| HTTP /v1/generate p50 / p99 | {http_p50 * 1000:.0f} / {_percentile(http_times, 0.99) * 1000:.0f} ms | |")
+    print(f"| HTTP p50 / direct p50 | {http_p50 / direct_p50:.2f}x | <= 1.3x |")
+    print(f"| one tenant, concurrency {args.concurrency} | {single:.2f} req/s (runs: {one_tenant:.2f}, {one_tenant_again:.2f}) | |")
+    print(f"| two tenants alternating, concurrency {args.concurrency} | {two_tenants:.2f} req/s | |")
+    print(f"| alternating / one tenant | {two_tenants / single:.2f}x | >= 0.9x |")
+    print(f"| generator: swaps {stats['swaps']}, cache hits {stats['hits']}, loads {stats['loads']}, "
+          f"batch sizes {stats['batch_sizes']} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
