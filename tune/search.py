@@ -431,6 +431,7 @@ def plot_search(record: SearchRecord) -> bytes:
     if unscored:
         axes.plot([], [], color="gray", linestyle=":", label="stopped early / failed")
     axes.set_xscale("log")
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a narrow range
     axes.set_xlabel("alpha (weight of L_cst)")
     axes.set_ylabel("trial score")
     axes.set_title(f"{record.run}: {len(scored)} of {len(record.trials)} trials scored", fontsize=9)

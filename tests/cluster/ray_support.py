@@ -15,7 +15,7 @@ def start_local_ray() -> None:
     # Ray's workers inherit this environment: they must import `cluster` and `tests.cluster.fake_trainer`.
     paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def stop_local_ray() -> None:

@@ -24,7 +24,8 @@ def start_ray(**kwargs) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Train workers compile DeepSpeed's small CPU op once; keep the build between tests and runs.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ct2i-torch-extensions"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    # address="local": always a fresh cluster of our own, never one that `ray start` left running.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

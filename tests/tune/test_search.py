@@ -145,11 +145,11 @@ def test_trial_records_tell_finished_early_stopped_and_failed_trials_apart():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_search_of_three_trials_publishes_the_best_trials_adapter_with_its_record(local_ray, settings, plane, tmp_path):
     from causalt2i.adapter import load_adapter
     from cluster.scheduler import Scheduler
-    from tune.runner import RayTrainRunner, storage_path
+    from tune.runner import ray_train_runner, storage_path
 
     plane.create_tenant("acme")
     spec, images = two_subject_spec("acme", "cat-dog", steps=2, checkpoint_every=1, num_workers=1)
@@ -159,7 +159,7 @@ def test_a_search_of_three_trials_publishes_the_best_trials_adapter_with_its_rec
                       "lambda_attn": {"uniform": [0.1, 2.0]}, "guidance_scale": {"choice": [1.0, 5.0]},
                       "eval_prompts": 1, "eval_seeds": [0, 1], "eval_steps": 2, "grace_period": 2}
     job = plane.submit("acme", spec, images)
-    run_until_done(Scheduler(settings, RayTrainRunner()), plane, [job.id], timeout=500)
+    run_until_done(Scheduler(settings, ray_train_runner()), plane, [job.id], timeout=840)
 
     done = plane.get_job("acme", job.id)
     assert done.state == "succeeded", done.error
