@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 FIND_LINKS := $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global.find-links='\(.*\)'/\1/p")
 UV_FLAGS := --python $(PY) $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -c constraints.txt
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo cluster-demo test bench clean
 
 setup:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ setup:
 demo: setup
 	$(PY) -m cluster.demo
 
+# The Kubernetes flow's commands (ray start, serve deploy, ray job submit, a client call) on a local head.
+cluster-demo: setup
+	bash k8s/local/cluster-demo.sh
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -29,4 +33,4 @@ bench: setup
 	$(PY) bench/bench_train_step.py
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out cluster-demo-out .pytest_cache
