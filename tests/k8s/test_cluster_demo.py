@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cluster.config import ControlPlaneSettings
+from cluster.service import ControlPlane
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -33,3 +36,9 @@ def test_cluster_demo_ends_with_an_image_from_a_tenants_adapter(tmp_path):
     image = Image.open(out / "acme-pets.png")
     image.load()
     assert image.size == (64, 64)
+    # The `ray job submit` batch published each tenant's adapter under that tenant, and nothing else.
+    plane = ControlPlane.open(ControlPlaneSettings(home=out / "home", database_url=f"sqlite:///{out / 'home' / 'ct2i.db'}",
+                                                   artifacts_uri=str(out / "home" / "artifacts")))
+    published = sorted((a.tenant, a.name) for a in plane.list_adapters(None))
+    assert published == [("acme", "pets"), ("globex", "toys")]
+    assert {j.state for j in plane.list_jobs(None)} == {"succeeded"}
