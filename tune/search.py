@@ -182,8 +182,12 @@ def grace_period(spec: TuningSpec) -> int:
 
 def build_scheduler(spec: TuningSpec):
     """ASHA on the denoising loss against the training step (see the module docstring for why)."""
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    if grace_period(spec) >= spec.total_steps:
+        # ASHA always has a rung at the grace period; at the last step it would stop trials before they are
+        # scored. With nothing left to stop early, run every trial to the end.
+        return FIFOScheduler()
     return ASHAScheduler(time_attr=EARLY_STOP_TIME, metric=EARLY_STOP_METRIC, mode="min", max_t=spec.total_steps,
                          grace_period=grace_period(spec), reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False)
 
