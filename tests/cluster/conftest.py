@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import time
 
 import pytest
 from PIL import Image
@@ -95,3 +96,13 @@ def submit_simple(plane: ControlPlane, tenant: str, name: str = "pets", **spec_o
     spec = spec_dict(tenant, name)
     spec.update(spec_overrides)
     return plane.submit(tenant, spec, {"a.png": png_bytes()})
+
+
+def wait_for(predicate, timeout=20.0, every=0.05):
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False

@@ -12,6 +12,7 @@ from cluster.runner import RayTaskRunner, run_dir_for
 from cluster.scheduler import find_scheduler, get_or_create_scheduler
 from cluster.schemas import Quotas
 from tests.cluster.conftest import submit_simple
+from tests.cluster.conftest import wait_for as _wait_for
 from tests.cluster.fake_trainer import FakeTrainer
 from tests.cluster.ray_support import start_local_ray, stop_local_ray
 
@@ -42,12 +43,8 @@ def kill_scheduler_after(ray_settings):
 
 
 def wait_for(predicate, timeout=60.0, every=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
+    """Ray runs are slower: a longer, coarser poll than the in-process scheduler tests."""
+    return _wait_for(predicate, timeout, every)
 
 
 def assert_consistent(plane, job_ids):

@@ -11,16 +11,10 @@ from cluster.db import Adapter, Job, UsageRecord
 from cluster.runner import InlineRunner
 from cluster.scheduler import Scheduler
 from tests.cluster.conftest import submit_simple
+from tests.cluster.conftest import wait_for
 from tests.cluster.fake_trainer import FakeTrainer
 
 
-def wait_for(predicate, timeout=20.0, every=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 def run_until_idle(scheduler: Scheduler, plane, timeout=20.0):
