@@ -27,7 +27,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
 
 JOB_STATES = ("queued", "admitted", "running", "succeeded", "failed", "cancelled")
 KEY_SCOPES = ("tenant", "admin")
@@ -203,7 +202,9 @@ def make_engine(url: str) -> Engine:
         path = _sqlite_file(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, poolclass=NullPool)
+        # Pooled: opening a connection (file open and the pragmas below) costs more than the query it serves.
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=5, max_overflow=20,
+                               pool_reset_on_return="rollback")
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
