@@ -24,7 +24,8 @@ from serve.ingress import DEFAULT_MAX_BODY_BYTES, TokenBuckets
 
 RATE_LIMITER_NAME = "ct2i-generate-rate"
 
-Generator = serve.deployment(name="Generator", max_ongoing_requests=DEFAULT_MAX_BATCH_SIZE,
+# Two batches' worth of requests per replica: one running, the next one filling behind it.
+Generator = serve.deployment(name="Generator", max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
                              ray_actor_options={"num_cpus": 1})(GeneratorReplica)
 
 

@@ -16,6 +16,10 @@ Why each rule holds:
   the base may outlive its eviction until the next swap, so the bound is cache_bytes + one adapter.
 - Abandoned work stops: each denoising step checks whether every request of its group was cancelled (the
   client went away; Serve cancels the call) or passed its deadline, and if so stops the group.
+- Batches fill under load and cost nothing when idle: `AdapterBatchQueue` (below `@serve.batch`) hands the
+  engine, the moment it is free, every queued request of the oldest request's adapter. Serve's own batcher
+  forms its next batch while the previous one still runs (within `batch_wait_timeout_s` of its first
+  request), so on its own it sends batches of one to a busy engine and makes an idle one wait.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 8 * 1024**3
 DEFAULT_MAX_ADAPTERS = 8
 DEFAULT_MAX_BATCH_SIZE = 4
-DEFAULT_BATCH_WAIT_S = 0.01
+DEFAULT_BATCH_WAIT_S = 0.0  # AdapterBatchQueue gathers while the engine runs; waiting in Serve only adds latency
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 
 AdapterLocator = Callable[[str], Path]
@@ -209,6 +213,80 @@ class GeneratorEngine:
                 "base_fingerprint": self.fingerprint, "base_model": self.parts.base_model}
 
 
+Execute = Callable[[str, list[GenerationRequest], list[CallState]], Awaitable[tuple[list, dict[str, float]]]]
+"""(adapter id, requests, their call states) → (per request: PNGs or the exception, timings): one engine run."""
+
+
+@dataclass
+class _Queued:
+    adapter_id: str
+    request: GenerationRequest
+    state: CallState
+    answer: asyncio.Future
+
+
+class AdapterBatchQueue:
+    """Requests waiting for the engine. Whenever the engine is free it runs the adapter of the oldest waiting
+    request, with that request and, oldest first, every other waiting request of the adapter that still fits in
+    `max_batch_images` images (a request larger than that runs alone).
+
+    - Oldest first across adapters, so a busy tenant cannot starve a quiet one, and one forward pass only ever
+      holds one adapter.
+    - While a batch runs, new requests accumulate; an idle engine starts a lone request at once.
+    - A request whose caller has gone (its future was cancelled) is dropped before it reaches the engine.
+
+    Lives on one event loop (the replica's); `execute` is awaited one call at a time.
+    """
+
+    def __init__(self, execute: Execute, max_batch_images: int):
+        if max_batch_images < 1:
+            raise ValueError("max_batch_images must be at least 1")
+        self.execute = execute
+        self.max_batch_images = max_batch_images
+        self._waiting: list[_Queued] = []
+        self._worker: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    async def run(self, adapter_id: str, requests: Sequence[GenerationRequest],
+                  states: Sequence[CallState]) -> list[tuple[list[bytes] | Exception, int, dict[str, float]]]:
+        """Queue `requests` for `adapter_id`; per request: (PNGs or exception, size of the batch it ran in, timings)."""
+        loop = asyncio.get_running_loop()
+        entries = [_Queued(adapter_id, request, state, loop.create_future()) for request, state in zip(requests, states)]
+        self._waiting.extend(entries)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return list(await asyncio.gather(*(entry.answer for entry in entries)))
+
+    def _next_batch(self) -> list[_Queued]:
+        self._waiting = [entry for entry in self._waiting if not entry.answer.done()]
+        if not self._waiting:
+            return []
+        adapter_id = self._waiting[0].adapter_id
+        batch, images = [], 0
+        for entry in self._waiting:
+            if entry.adapter_id != adapter_id:
+                continue
+            if batch and images + entry.request.n > self.max_batch_images:
+                continue  # a smaller request behind it may still fit; this one leads a later batch
+            batch.append(entry)
+            images += entry.request.n
+        taken = {id(entry) for entry in batch}
+        self._waiting = [entry for entry in self._waiting if id(entry) not in taken]
+        return batch
+
+    async def _drain(self) -> None:
+        while batch := self._next_batch():
+            try:
+                outcomes, timings = await self.execute(batch[0].adapter_id, [e.request for e in batch], [e.state for e in batch])
+            except Exception as err:  # the engine itself failed: every caller of this batch gets the error
+                outcomes, timings = [err] * len(batch), {}
+            for entry, outcome in zip(batch, outcomes):
+                if not entry.answer.done():
+                    entry.answer.set_result((outcome, len(batch), timings))
+
+
 def refusal_for(err: BaseException) -> Refusal:
     """The HTTP answer for an error raised while loading an adapter or checking or running a request."""
     if isinstance(err, (GenerationError, PromptError)):
@@ -273,6 +351,23 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _max_ongoing_requests(serve, default: int) -> int:
+    """The deployment's `max_ongoing_requests` (Serve exposes it only on the replica context's config)."""
+    try:
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # outside a replica (unit tests), or the private attribute moved
+        return default
+
+
+class _MisleadingBatchWarning(logging.Filter):
+    """Drops Serve's warning that max_batch_size × max_concurrent_batches exceeds max_ongoing_requests: here the
+    concurrent batches are deliberately one per possible request (see `AdapterBatchQueue`), and batch size is
+    bounded by the queue, not by Serve."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
+
+
 class GeneratorReplica:
     """The `Generator` deployment. Arguments left None come from the environment:
     CT2I_BASE_MODEL (default `tiny`), CT2I_SERVE_CACHE_BYTES, CT2I_SERVE_MAX_ADAPTERS."""
@@ -303,7 +398,13 @@ class GeneratorReplica:
 
         # A plain function, not the bound method: Serve keeps its LRU state as an attribute of what it wraps.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=slots)(load_adapter_by_id)
-        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)(self._run_batch)
+        self.queue = AdapterBatchQueue(self._execute, max_batch_images=max_batch_size)
+        # Every batch Serve forms goes straight to the queue (as many concurrent batches as requests the replica
+        # may hold), so the queue sees all waiting requests when it picks the next forward pass.
+        ongoing = _max_ongoing_requests(serve, default=max_batch_size)
+        logging.getLogger("ray.serve").addFilter(_MisleadingBatchWarning())
+        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s,
+                                    max_concurrent_batches=max(1, ongoing))(self._run_batch)
         self._serve = serve
 
     async def _served_adapter(self, adapter_id: str) -> ServedAdapter:
@@ -333,21 +434,28 @@ class GeneratorReplica:
                                timings={"load": loaded - started, **timings, "total": total})
 
     async def _run_batch(self, adapter_ids: list[str], requests: list[GenerationRequest], states: list[CallState]):
-        self.metrics.batch(len(requests))
+        """`@serve.batch`'s handler: Serve already split its batch by multiplexed id; each id goes to the queue."""
         by_adapter: dict[str, list[int]] = {}
         for index, adapter_id in enumerate(adapter_ids):
             by_adapter.setdefault(adapter_id, []).append(index)
+        queued = time.perf_counter()
+        answers = await asyncio.gather(*(self.queue.run(adapter_id, [requests[i] for i in members], [states[i] for i in members])
+                                         for adapter_id, members in by_adapter.items()))
         results: list = [None] * len(requests)
-        for adapter_id, members in by_adapter.items():
-            queued = time.perf_counter()
-            outcomes, timings = await asyncio.to_thread(self.engine.run, None if adapter_id == BASE_MODEL_REF else adapter_id,
-                                                        [requests[i] for i in members], [states[i] for i in members])
-            timings["batch"] = time.perf_counter() - queued
-            for i, outcome in zip(members, outcomes):
-                if isinstance(outcome, Abandoned):
-                    self.metrics.abandoned(outcome.reason)
-                results[i] = (outcome, len(requests), timings)
+        for members, outcomes in zip(by_adapter.values(), answers):
+            for i, (outcome, batch_size, timings) in zip(members, outcomes):
+                results[i] = (outcome, batch_size, {**timings, "batch": time.perf_counter() - queued})
         return results
+
+    async def _execute(self, adapter_id: str, requests: list[GenerationRequest], states: list[CallState]):
+        """One forward pass's worth of requests for one adapter, on a worker thread (the engine's lock serialises)."""
+        self.metrics.batch(len(requests))
+        outcomes, timings = await asyncio.to_thread(self.engine.run, None if adapter_id == BASE_MODEL_REF else adapter_id,
+                                                    requests, states)
+        for outcome in outcomes:
+            if isinstance(outcome, Abandoned):
+                self.metrics.abandoned(outcome.reason)
+        return outcomes, timings
 
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.metrics.snapshot()}

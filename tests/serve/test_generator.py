@@ -1,8 +1,9 @@
 """The generator's request path without Ray (what the deployment calls): cache bound, unload, verification,
-cancellation, and that a batch of one adapter equals direct generation."""
+cancellation, that a batch of one adapter equals direct generation, and which requests the queue batches."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -14,7 +15,7 @@ from causalt2i.adapter import AdapterError, load_adapter
 from causalt2i.generation import GenerationError, Generator, GenerationRequest
 from causalt2i.models import load_sdxl
 from causalt2i.text import PromptError
-from serve.generator import Abandoned, CallState, GeneratorEngine, ServedAdapter, refusal_for
+from serve.generator import Abandoned, AdapterBatchQueue, CallState, GeneratorEngine, ServedAdapter, refusal_for
 from tests.serve.adapters import write_adapter
 
 REQUEST = dict(prompt="a photo of <s1> cat", steps=2, width=64, height=64, guidance=5.0)
@@ -100,3 +101,89 @@ def test_a_group_whose_callers_all_left_stops_early(engine):
     assert [type(o) for o in outcomes] == [Abandoned, Abandoned]
     assert [o.reason for o in outcomes] == ["cancelled", "timeout"]
     assert refusal_for(outcomes[1]).status == 504
+
+
+# -- AdapterBatchQueue: which requests share a forward pass, and when it starts ------------------------------------
+
+
+class RecordingEngine:
+    """Stands in for `GeneratorEngine.run` behind the queue: records each batch, holds it until released."""
+
+    def __init__(self):
+        self.batches: list[tuple[str, list[int]]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def execute(self, adapter_id, requests, states):
+        self.batches.append((adapter_id, [r.seed for r in requests]))
+        await self.release.wait()
+        if adapter_id == "broken":
+            raise RuntimeError("engine failed")
+        return [[f"{adapter_id}:{r.seed}".encode()] for r in requests], {"denoise": 0.0}
+
+
+def queued(seed: int, n: int = 1) -> GenerationRequest:
+    return GenerationRequest(**REQUEST, seed=seed, n=n)
+
+
+def test_queue_starts_a_lone_request_at_once_and_batches_what_arrives_meanwhile():
+    async def scenario():
+        engine = RecordingEngine()
+        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
+        engine.release.clear()
+        first = asyncio.create_task(queue.run("a", [queued(0)], [CallState(float("inf"))]))
+        await asyncio.sleep(0)  # no batching window: the idle engine takes the lone request straight away
+        await asyncio.sleep(0)
+        assert engine.batches == [("a", [0])]
+        # While it runs: b, a, a, b arrive. Oldest first is b, with every waiting b; then both a's.
+        later = [asyncio.create_task(queue.run(adapter, [queued(seed)], [CallState(float("inf"))]))
+                 for adapter, seed in (("b", 1), ("a", 2), ("a", 3), ("b", 4))]
+        await asyncio.sleep(0)
+        engine.release.set()
+        results = await asyncio.gather(first, *later)
+        assert engine.batches == [("a", [0]), ("b", [1, 4]), ("a", [2, 3])]
+        assert [r[0][0] for r in results] == [[b"a:0"], [b"b:1"], [b"a:2"], [b"a:3"], [b"b:4"]]
+        assert [r[0][1] for r in results] == [1, 2, 2, 2, 2]  # the size of the batch each request ran in
+
+    asyncio.run(scenario())
+
+
+def test_queue_caps_a_batch_in_images_but_always_runs_one_request():
+    async def scenario():
+        engine = RecordingEngine()
+        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
+        engine.release.clear()
+        blocker = asyncio.create_task(queue.run("x", [queued(9)], [CallState(float("inf"))]))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(queue.run("a", [queued(seed, n)], [CallState(float("inf"))]))
+                   for seed, n in ((1, 3), (2, 2), (3, 1), (4, 8))]
+        await asyncio.sleep(0)
+        engine.release.set()
+        await asyncio.gather(blocker, *waiting)
+        # 3 + 1 images fill a batch (2 would overflow it and waits, in order); 8 images alone exceed the cap.
+        assert engine.batches[1:] == [("a", [1, 3]), ("a", [2]), ("a", [4])]
+
+    asyncio.run(scenario())
+
+
+def test_queue_drops_a_request_whose_caller_left_and_reports_engine_failures():
+    async def scenario():
+        engine = RecordingEngine()
+        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
+        engine.release.clear()
+        blocker = asyncio.create_task(queue.run("a", [queued(0)], [CallState(float("inf"))]))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(queue.run("a", [queued(1)], [CallState(float("inf"))]))
+        broken = asyncio.create_task(queue.run("broken", [queued(2)], [CallState(float("inf"))]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        engine.release.set()
+        await blocker
+        (outcome, size, _), = await broken
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert [seeds for _, seeds in engine.batches] == [[0], [2]]  # seed 1 never reached the engine
+        assert isinstance(outcome, RuntimeError) and size == 1
+        assert len(queue) == 0
+
+    asyncio.run(scenario())
