@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from causalt2i.generation import MAX_SEED, GenerationRequest
 from cluster.auth import Principal, bearer_token
-from cluster.schemas import AdapterView
+from cluster.schemas import AdapterView, TenantView
 from cluster.service import ControlPlane, NotFound, ServiceError
 from serve.metrics import IngressMetrics
 from serve.schemas import (
@@ -171,11 +171,14 @@ def _merged_openapi(app: FastAPI, control_app: FastAPI | None) -> Callable[[], d
     return openapi
 
 
-def _timing_headers(outcome: GeneratedImages, seed: int, adapter: AdapterView | None) -> dict[str, str]:
-    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in outcome.timings.items())
+def _timing_headers(outcome: GeneratedImages, seed: int, adapter: AdapterView | None, ingress: dict[str, float]) -> dict[str, str]:
+    """`Server-Timing` and `X-CT2I-Time-<phase>` (seconds): the generator's phases, then the ingress's own
+    (`ingress-` prefixed: key check, registry look-up, rate limit, the generator call's round trip)."""
+    phases = {**outcome.timings, **{f"ingress-{name}": seconds for name, seconds in ingress.items()}}
+    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in phases.items())
     headers = {"Server-Timing": timing, "X-CT2I-Seed": str(seed), "X-CT2I-Batch-Size": str(outcome.batch_size),
                "X-CT2I-Adapter": adapter.id if adapter is not None else BASE_MODEL_REF}
-    for name, seconds in outcome.timings.items():
+    for name, seconds in phases.items():
         headers[f"X-CT2I-Time-{name.capitalize()}"] = f"{seconds:.4f}"
     return headers
 
@@ -201,18 +204,26 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             raise HTTPProblem(403, "authorization", "generating needs a tenant's key: an admin key has no adapters or quota")
         return found
 
-    async def run(who: Principal, reference: str, field: str, request: GenerationRequest) -> tuple[GeneratedImages, AdapterView | None]:
+    async def run(who: Principal, reference: str, field: str, request: GenerationRequest,
+                  phases: dict[str, float]) -> tuple[GeneratedImages, AdapterView | None]:
+        started = time.perf_counter()
+        def look_up() -> tuple[AdapterView | None, TenantView]:  # one trip to a worker thread for both reads
+            return resolve_adapter(plane, who.tenant, reference, field), plane.get_tenant(who.tenant)
+
         try:
-            adapter = await run_in_threadpool(resolve_adapter, plane, who.tenant, reference, field)
-            tenant = await run_in_threadpool(plane.get_tenant, who.tenant)
+            adapter, tenant = await run_in_threadpool(look_up)
         except ServiceError as err:
             raise HTTPProblem(err.status, err.field or field, err.message) from None
+        phases["lookup"] = time.perf_counter() - started
+        started = time.perf_counter()
         wait = await limiter.acquire(who.tenant, tenant.generate_rpm)
+        phases["rate"] = time.perf_counter() - started
         if wait > 0:
             raise HTTPProblem(429, "tenant.generate_rpm", f"over {tenant.generate_rpm} generate requests per minute; retry in {wait:.1f} s",
                               {"Retry-After": str(max(1, math.ceil(wait)))})
         model_id = adapter.id if adapter is not None else BASE_MODEL_REF
         call = GenerateCall(request=request, tenant=who.tenant, deadline=time.time() + request_timeout_s)
+        started = time.perf_counter()
         try:
             outcome = await asyncio.wait_for(generate(model_id, call), timeout=request_timeout_s)
         except asyncio.TimeoutError:
@@ -222,6 +233,7 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
         except Exception as err:  # the replica died or is being replaced: the client may retry
             raise HTTPProblem(503, "request", f"the generator is unavailable ({type(err).__name__}); retry",
                               {"Retry-After": "5"}) from None
+        phases["generator"] = time.perf_counter() - started
         if isinstance(outcome, Refusal):
             raise HTTPProblem(outcome.status, field if outcome.field == "adapter" else outcome.field, outcome.message)
         return outcome, adapter
@@ -240,7 +252,7 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             try:
                 who = await principal(request)
                 tenant = who.tenant or ""
-                response = await handler(request, who)
+                response = await handler(request, who, {"auth": time.perf_counter() - started})
             except HTTPProblem as problem:
                 response = (_openai_error if route == "images" else _error)(problem)
             metrics.request(route, response.status_code, tenant, time.perf_counter() - started)
@@ -248,7 +260,7 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
 
         return endpoint
 
-    async def generate_route(request: Request, who: Principal) -> Response:
+    async def generate_route(request: Request, who: Principal, phases: dict[str, float]) -> Response:
         try:
             body = GenerateBody.model_validate(await read_json(request, max_body_bytes))
         except ValidationError as err:
@@ -256,8 +268,8 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
         if body.format == "png" and body.n > 1:
             raise HTTPProblem(422, "format", "`png` returns one image; ask for `json` to get n > 1 images")
         generation = generation_request(body, body.width, body.height)
-        outcome, adapter = await run(who, body.adapter, "adapter", generation)
-        headers = _timing_headers(outcome, generation.seed, adapter)
+        outcome, adapter = await run(who, body.adapter, "adapter", generation, phases)
+        headers = _timing_headers(outcome, generation.seed, adapter, phases)
         if body.format == "png":
             return Response(outcome.pngs[0], media_type="image/png", headers=headers)
         payload = GenerateResponse(
@@ -266,16 +278,16 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             adapter=AdapterRef(id=adapter.id, tenant=adapter.tenant, name=adapter.name, version=adapter.version) if adapter else None)
         return JSONResponse(payload.model_dump(), headers=headers)
 
-    async def images_route(request: Request, who: Principal) -> Response:
+    async def images_route(request: Request, who: Principal, phases: dict[str, float]) -> Response:
         try:
             body = ImagesBody.model_validate(await read_json(request, max_body_bytes))
         except ValidationError as err:
             raise _validation_problem(err) from None
         width, height = body.dimensions()
         generation = generation_request(body, width, height)
-        outcome, adapter = await run(who, body.model, "model", generation)
+        outcome, adapter = await run(who, body.model, "model", generation, phases)
         payload = ImagesResponse(created=int(time.time()), data=[ImageDatum(b64_json=base64.b64encode(png).decode()) for png in outcome.pngs])
-        return JSONResponse(payload.model_dump(exclude_none=True), headers=_timing_headers(outcome, generation.seed, adapter))
+        return JSONResponse(payload.model_dump(exclude_none=True), headers=_timing_headers(outcome, generation.seed, adapter, phases))
 
     app.add_api_route("/v1/generate", timed("generate", generate_route), methods=["POST"], tags=["generate"],
                       summary="Generate images with one of your adapters (or the base)",
