@@ -38,6 +38,9 @@ class _SharedBuckets:
     def take(self, tenant: str, per_minute: int) -> float:
         return self.buckets.take(tenant, per_minute)
 
+    def give_back(self, tenant: str, per_minute: int) -> None:
+        self.buckets.give_back(tenant, per_minute)
+
 
 class ActorRateLimiter:
     """`serve.ingress.RateLimiter` backed by a named Ray actor that every ingress replica shares."""
@@ -51,6 +54,9 @@ class ActorRateLimiter:
 
     async def acquire(self, tenant: str, per_minute: int) -> float:
         return await self.actor.take.remote(tenant, per_minute)
+
+    async def refund(self, tenant: str, per_minute: int) -> None:
+        await self.actor.give_back.remote(tenant, per_minute)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})

@@ -6,7 +6,9 @@ Order of checks on a generate route, and the status of each: API key (401) → b
 → fields (422, naming the field) → adapter reference (404 for a missing one and for another tenant's,
 alike) → the tenant's generate rate (429 with Retry-After) → the generator (422 for a size outside the base's
 range or a prompt it cannot encode, 409 for an adapter that fails verification, 504 on timeout). Invalid
-requests are refused before the rate limit is charged, so a client's typo does not cost it its quota.
+requests never cost quota: the registry look-up and the rate check run at the same time (they are two
+round trips, to the database and to the shared limiter), and a token taken for a request the look-up then
+refuses is given back.
 
 The adapter reaches the generator only as `multiplexed_model_id=<adapter version id>`, set here on every
 call from the registry's answer; a `serve_multiplexed_model_id` header a client sends routes nothing.
@@ -24,6 +26,7 @@ import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +60,9 @@ class RateLimiter(Protocol):
     async def acquire(self, tenant: str, per_minute: int) -> float:
         """0 when the request may run now; else the seconds until it could (it is not admitted)."""
 
+    async def refund(self, tenant: str, per_minute: int) -> None:
+        """Give back a token `acquire` granted to a request that was then refused for another reason."""
+
 
 class TokenBuckets:
     """A token bucket per tenant: capacity `per_minute` (the burst), refilled at `per_minute / 60` per second."""
@@ -80,6 +86,12 @@ class TokenBuckets:
             self._buckets[tenant] = (tokens, now)
             return (1.0 - tokens) / rate
 
+    def give_back(self, tenant: str, per_minute: int) -> None:
+        with self._lock:
+            if tenant in self._buckets:
+                tokens, at = self._buckets[tenant]
+                self._buckets[tenant] = (min(float(per_minute), tokens + 1.0), at)
+
 
 class LocalRateLimiter:
     """Per-process buckets: right for one ingress process. Serve shares one `TokenBuckets` actor instead."""
@@ -89,6 +101,9 @@ class LocalRateLimiter:
 
     async def acquire(self, tenant: str, per_minute: int) -> float:
         return self.buckets.take(tenant, per_minute)
+
+    async def refund(self, tenant: str, per_minute: int) -> None:
+        self.buckets.give_back(tenant, per_minute)
 
 
 class HTTPProblem(Exception):
@@ -183,6 +198,22 @@ def _timing_headers(outcome: GeneratedImages, seed: int, adapter: AdapterView | 
     return headers
 
 
+@dataclass(frozen=True)
+class TenantCaller:
+    """Who is generating: the API key's tenant and that tenant's generate rate limit (requests per minute)."""
+
+    tenant: str
+    generate_rpm: int
+
+
+def _checked_principal(found: Principal | None) -> Principal:
+    if found is None:
+        raise HTTPProblem(401, "authorization", "missing, unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+    if found.tenant is None:
+        raise HTTPProblem(403, "authorization", "generating needs a tenant's key: an admin key has no adapters or quota")
+    return found
+
+
 def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: RateLimiter | None = None,
                        metrics: IngressMetrics | None = None, control_app: FastAPI | None = None,
                        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -197,29 +228,43 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
     app.state.plane = plane
 
     async def principal(request: Request) -> Principal:
-        found = await run_in_threadpool(plane.authenticate, bearer_token(request.headers.get("authorization")))
-        if found is None:
-            raise HTTPProblem(401, "authorization", "missing, unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-        if found.tenant is None:
-            raise HTTPProblem(403, "authorization", "generating needs a tenant's key: an admin key has no adapters or quota")
-        return found
+        return _checked_principal(await run_in_threadpool(plane.authenticate, bearer_token(request.headers.get("authorization"))))
 
-    async def run(who: Principal, reference: str, field: str, request: GenerationRequest,
+    async def tenant_caller(request: Request) -> TenantCaller:
+        """The key's tenant and its generate quota, read in one trip to a worker thread."""
+        secret = bearer_token(request.headers.get("authorization"))
+
+        def read() -> tuple[Principal | None, TenantView | None]:
+            found = plane.authenticate(secret)
+            if found is None or found.tenant is None:
+                return found, None
+            try:
+                return found, plane.get_tenant(found.tenant)
+            except NotFound:
+                return None, None
+
+        found, tenant = await run_in_threadpool(read)
+        checked = _checked_principal(found)
+        return TenantCaller(checked.tenant, tenant.generate_rpm)
+
+    async def run(who: TenantCaller, reference: str, field: str, request: GenerationRequest,
                   phases: dict[str, float]) -> tuple[GeneratedImages, AdapterView | None]:
         started = time.perf_counter()
-        def look_up() -> tuple[AdapterView | None, TenantView]:  # one trip to a worker thread for both reads
-            return resolve_adapter(plane, who.tenant, reference, field), plane.get_tenant(who.tenant)
-
+        per_minute = who.generate_rpm
+        rate = asyncio.ensure_future(limiter.acquire(who.tenant, per_minute))
         try:
-            adapter, tenant = await run_in_threadpool(look_up)
-        except ServiceError as err:
-            raise HTTPProblem(err.status, err.field or field, err.message) from None
+            adapter = await run_in_threadpool(resolve_adapter, plane, who.tenant, reference, field)
+        except BaseException as err:
+            if await rate == 0:
+                await limiter.refund(who.tenant, per_minute)
+            if isinstance(err, ServiceError):
+                raise HTTPProblem(err.status, err.field or field, err.message) from None
+            raise
         phases["lookup"] = time.perf_counter() - started
-        started = time.perf_counter()
-        wait = await limiter.acquire(who.tenant, tenant.generate_rpm)
-        phases["rate"] = time.perf_counter() - started
+        wait = await rate
+        phases["rate"] = time.perf_counter() - started - phases["lookup"]  # what the rate check added after the look-up
         if wait > 0:
-            raise HTTPProblem(429, "tenant.generate_rpm", f"over {tenant.generate_rpm} generate requests per minute; retry in {wait:.1f} s",
+            raise HTTPProblem(429, "tenant.generate_rpm", f"over {per_minute} generate requests per minute; retry in {wait:.1f} s",
                               {"Retry-After": str(max(1, math.ceil(wait)))})
         model_id = adapter.id if adapter is not None else BASE_MODEL_REF
         call = GenerateCall(request=request, tenant=who.tenant, deadline=time.time() + request_timeout_s)
@@ -250,8 +295,8 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             started = time.perf_counter()
             tenant = ""
             try:
-                who = await principal(request)
-                tenant = who.tenant or ""
+                who = await tenant_caller(request)
+                tenant = who.tenant
                 response = await handler(request, who, {"auth": time.perf_counter() - started})
             except HTTPProblem as problem:
                 response = (_openai_error if route == "images" else _error)(problem)
@@ -260,7 +305,7 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
 
         return endpoint
 
-    async def generate_route(request: Request, who: Principal, phases: dict[str, float]) -> Response:
+    async def generate_route(request: Request, who: TenantCaller, phases: dict[str, float]) -> Response:
         try:
             body = GenerateBody.model_validate(await read_json(request, max_body_bytes))
         except ValidationError as err:
@@ -278,7 +323,7 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             adapter=AdapterRef(id=adapter.id, tenant=adapter.tenant, name=adapter.name, version=adapter.version) if adapter else None)
         return JSONResponse(payload.model_dump(), headers=headers)
 
-    async def images_route(request: Request, who: Principal, phases: dict[str, float]) -> Response:
+    async def images_route(request: Request, who: TenantCaller, phases: dict[str, float]) -> Response:
         try:
             body = ImagesBody.model_validate(await read_json(request, max_body_bytes))
         except ValidationError as err:

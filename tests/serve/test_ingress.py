@@ -109,6 +109,8 @@ def test_generate_routes_by_registry_id_and_charges_only_valid_requests(plane, p
     auth = {"Authorization": f"Bearer {key}", "serve_multiplexed_model_id": published["other/toys@1"]}
     for _ in range(3):  # invalid: refused before the rate limit is charged
         assert client.post("/v1/generate", json={"adapter": "pets", "prompt": "x", "steps": 0}, headers=auth).status_code == 422
+    for _ in range(3):  # unknown adapter: the token the concurrent rate check took is given back
+        assert client.post("/v1/generate", json={"adapter": "nope", "prompt": "x"}, headers=auth).status_code == 404
     ok = client.post("/v1/generate", json={"adapter": "pets", "prompt": "a <s1>", "seed": 4}, headers=auth)
     assert ok.status_code == 200 and ok.content == b"png0" and ok.headers["x-ct2i-seed"] == "4"
     assert ok.headers["x-ct2i-time-denoise"] == "0.5000"
