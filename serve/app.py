@@ -41,6 +41,9 @@ class _SharedBuckets:
     def give_back(self, tenant: str, per_minute: int) -> None:
         self.buckets.give_back(tenant, per_minute)
 
+    def ready(self) -> bool:
+        return True
+
 
 class ActorRateLimiter:
     """`serve.ingress.RateLimiter` backed by a named Ray actor that every ingress replica shares."""
@@ -51,6 +54,9 @@ class ActorRateLimiter:
         actor = ray.remote(num_cpus=0, max_restarts=-1)(_SharedBuckets)
         self.actor = actor.options(name=RATE_LIMITER_NAME, namespace=namespace, get_if_exists=True,
                                    lifetime="detached").remote()
+        # The first replica starts the actor (a new worker process: seconds on a busy node). Waiting here keeps
+        # that out of the first requests: Serve routes nothing to a replica whose constructor has not returned.
+        ray.get(self.actor.ready.remote(), timeout=300)
 
     async def acquire(self, tenant: str, per_minute: int) -> float:
         return await self.actor.take.remote(tenant, per_minute)
