@@ -126,18 +126,26 @@ def queued(seed: int, n: int = 1) -> GenerationRequest:
     return GenerationRequest(**REQUEST, seed=seed, n=n)
 
 
+def held_queue() -> tuple[RecordingEngine, AdapterBatchQueue]:
+    """A queue (4 images a batch) in front of an engine that holds each batch until `engine.release` is set."""
+    engine = RecordingEngine()
+    engine.release.clear()
+    return engine, AdapterBatchQueue(engine.execute, max_batch_images=4)
+
+
+def submit(queue: AdapterBatchQueue, adapter_id: str, seed: int, n: int = 1) -> asyncio.Task:
+    return asyncio.create_task(queue.run(adapter_id, [queued(seed, n)], [CallState(float("inf"))]))
+
+
 def test_queue_starts_a_lone_request_at_once_and_batches_what_arrives_meanwhile():
     async def scenario():
-        engine = RecordingEngine()
-        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
-        engine.release.clear()
-        first = asyncio.create_task(queue.run("a", [queued(0)], [CallState(float("inf"))]))
+        engine, queue = held_queue()
+        first = submit(queue, "a", 0)
         await asyncio.sleep(0)  # no batching window: the idle engine takes the lone request straight away
         await asyncio.sleep(0)
         assert engine.batches == [("a", [0])]
         # While it runs: b, a, a, b arrive. Oldest first is b, with every waiting b; then both a's.
-        later = [asyncio.create_task(queue.run(adapter, [queued(seed)], [CallState(float("inf"))]))
-                 for adapter, seed in (("b", 1), ("a", 2), ("a", 3), ("b", 4))]
+        later = [submit(queue, adapter, seed) for adapter, seed in (("b", 1), ("a", 2), ("a", 3), ("b", 4))]
         await asyncio.sleep(0)
         engine.release.set()
         results = await asyncio.gather(first, *later)
@@ -150,13 +158,10 @@ def test_queue_starts_a_lone_request_at_once_and_batches_what_arrives_meanwhile(
 
 def test_queue_caps_a_batch_in_images_but_always_runs_one_request():
     async def scenario():
-        engine = RecordingEngine()
-        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
-        engine.release.clear()
-        blocker = asyncio.create_task(queue.run("x", [queued(9)], [CallState(float("inf"))]))
+        engine, queue = held_queue()
+        blocker = submit(queue, "x", 9)
         await asyncio.sleep(0)
-        waiting = [asyncio.create_task(queue.run("a", [queued(seed, n)], [CallState(float("inf"))]))
-                   for seed, n in ((1, 3), (2, 2), (3, 1), (4, 8))]
+        waiting = [submit(queue, "a", seed, n) for seed, n in ((1, 3), (2, 2), (3, 1), (4, 8))]
         await asyncio.sleep(0)
         engine.release.set()
         await asyncio.gather(blocker, *waiting)
@@ -168,13 +173,11 @@ def test_queue_caps_a_batch_in_images_but_always_runs_one_request():
 
 def test_queue_drops_a_request_whose_caller_left_and_reports_engine_failures():
     async def scenario():
-        engine = RecordingEngine()
-        queue = AdapterBatchQueue(engine.execute, max_batch_images=4)
-        engine.release.clear()
-        blocker = asyncio.create_task(queue.run("a", [queued(0)], [CallState(float("inf"))]))
+        engine, queue = held_queue()
+        blocker = submit(queue, "a", 0)
         await asyncio.sleep(0)
-        gone = asyncio.create_task(queue.run("a", [queued(1)], [CallState(float("inf"))]))
-        broken = asyncio.create_task(queue.run("broken", [queued(2)], [CallState(float("inf"))]))
+        gone = submit(queue, "a", 1)
+        broken = submit(queue, "broken", 2)
         await asyncio.sleep(0)
         gone.cancel()
         engine.release.set()
