@@ -203,8 +203,7 @@ def make_engine(url: str) -> Engine:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         # Pooled: opening a connection (file open and the pragmas below) costs more than the query it serves.
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=5, max_overflow=20,
-                               pool_reset_on_return="rollback")
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=5, max_overflow=20)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
