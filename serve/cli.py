@@ -31,22 +31,27 @@ def add_serve_commands(subparsers) -> None:
     parser.set_defaults(func=cmd_serve)
 
 
-def _wait_for_signal() -> int:
-    stop = threading.Event()
-    received: list[int] = []
+class _StopSignals:
+    """SIGINT/SIGTERM caught from construction on (so one that arrives while the app is still starting is not
+    lost to Ray's own handler); `wait` returns the first one and restores the previous handlers."""
 
-    def handler(signum, _frame):
-        received.append(signum)
-        stop.set()
+    def __init__(self):
+        self.stop = threading.Event()
+        self.received: list[int] = []
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    return received[0]
+    def _handler(self, signum, _frame):
+        self.received.append(signum)
+        self.stop.set()
+
+    def wait(self) -> int:
+        try:
+            while not self.stop.wait(0.5):
+                pass
+        finally:
+            for sig, old in self.previous.items():
+                signal.signal(sig, old)
+        return self.received[0]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -79,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # On a CPU-only box the replicas take fractions of a CPU, so a tuning task (one CPU) still fits beside them.
         generator_resources = {"num_cpus": 1, "num_gpus": 1} if has_gpus else {"num_cpus": 0.5, "num_gpus": 0}
         serve.start(http_options={"host": args.host, "port": args.port})
+        stop_signals = _StopSignals()  # after ray.init, whose core worker installs its own handlers
         serve.run(build_app(settings, generator_options={"ray_actor_options": generator_resources},
                             ingress_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}),
                   name=APP_NAME, route_prefix="/")
@@ -87,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ct2i serve: data {settings.home}, database {settings.database_url}, artifacts {settings.artifacts_uri}, "
               f"base model {os.environ.get('CT2I_BASE_MODEL') or 'tiny'}", flush=True)
         print("ct2i serve: Ctrl-C or SIGTERM stops it", flush=True)
-        signum = _wait_for_signal()
+        signum = stop_signals.wait()
         print(f"ct2i serve: {signal.Signals(signum).name}, shutting down", flush=True)
     except Exception as err:
         print(f"ct2i: error: {type(err).__name__}: {err}", file=sys.stderr)
