@@ -7,6 +7,9 @@ the tensor file must match the manifest's sha256.
 
 `AdapterHost` keeps one base resident and swaps adapters into it in place: apply changes only the attn2
 tensors and the reserved identifier-token rows; remove copies the saved base values back, bit for bit.
+An applied value is computed in fp32 from the saved base and cast once to the live dtype: W + ΔW for a
+full adapter that stores ΔW (`attn2_storage: delta`), W + (α/r)·B·A for LoRA (the same sum peft's merge
+computes, so a fused diffusers pipeline holds the same bits), or the stored W of a version-1 full adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from causalt2i.adapter_format import (  # noqa: F401  (re-exported: the format i
     verify_adapter,
 )
 from causalt2i.atomic import atomic_write_bytes, atomic_write_text, sha256_file
+from causalt2i.lora import LoRAFactors, factors_from_tensors
 from causalt2i.models import SDXLParts, attn2_state
 from causalt2i.spec import MAX_SUBJECTS
 
@@ -45,6 +49,12 @@ class Adapter:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def lora_factors(self) -> dict[str, LoRAFactors]:
+        """The attn2 update of a LoRA adapter, one `LoRAFactors` per adapted projection (by module name)."""
+        if self.manifest.param_mode != "lora":
+            raise AdapterError(f"adapter {self.manifest.tenant}/{self.manifest.name} is a full-mode adapter and has no LoRA form; compress it first (ct2i compress)")
+        return factors_from_tensors({k: v for k, v in self.tensors.items() if k not in (TE1_ROWS, TE2_ROWS)}, self.manifest.module_alpha)
 
     def pin_memory(self) -> "Adapter":
         """Page-lock the tensors (CUDA only) so host→device copies are fast and asynchronous."""
@@ -75,7 +85,13 @@ def load_adapter(path: str | Path) -> Adapter:
     for key in (TE1_ROWS, TE2_ROWS):
         if key not in tensors or tensors[key].shape[0] != len(manifest.subjects):
             raise AdapterError(f"{path}: {key} is missing or does not have one row per subject")
-    return Adapter(manifest=manifest, tensors=tensors, path=Path(path))
+    adapter = Adapter(manifest=manifest, tensors=tensors, path=Path(path))
+    if manifest.param_mode == "lora":
+        try:
+            adapter.lora_factors()
+        except ValueError as err:
+            raise AdapterError(f"{path}: {err}") from None
+    return adapter
 
 
 class AdapterHost:
@@ -116,13 +132,10 @@ class AdapterHost:
         """Swap `adapter` in (replacing any active one). Only attn2 tensors and slot rows change."""
         self.check(adapter)
         tensors = adapter.tensors
-        if adapter.manifest.param_mode == "full":
-            unknown = [k for k in tensors if k not in self._live and k not in (TE1_ROWS, TE2_ROWS)]
-            if unknown:
-                raise AdapterError(f"adapter has tensors this base lacks, e.g. {unknown[0]}")
+        updates = self._updates(adapter)
         # Every live tensor is written exactly once: the adapter's value, or the base's where it has none.
         for name, live in self._live.items():
-            live.copy_(self._adapted_value(adapter, name), non_blocking=True)
+            live.copy_(self._adapted_value(adapter, name, updates), non_blocking=True)
         for (table, start), saved in zip(self._tables, self._slot_backup):
             table[start:] = saved
         n = len(adapter.manifest.subjects)
@@ -131,19 +144,34 @@ class AdapterHost:
         self.active = adapter
         self.token_ids = {token: self._tables[0][1] + i for i, token in enumerate(adapter.manifest.tokens)}
 
-    def _adapted_value(self, adapter: Adapter, name: str) -> torch.Tensor:
-        tensors = adapter.tensors
-        live = self._live[name]
+    def _updates(self, adapter: Adapter) -> dict[str, LoRAFactors] | dict[str, torch.Tensor]:
+        """The adapter's attn2 entries by live tensor name (full) or by module name (LoRA); unknown names refused."""
         if adapter.manifest.param_mode == "full":
-            value = tensors.get(name)
-            return self._backup[name] if value is None else value.to(live.device, live.dtype, non_blocking=True)
-        prefix = name.rsplit(".", 1)[0]
-        a, b = tensors.get(f"{prefix}.lora_A.weight"), tensors.get(f"{prefix}.lora_B.weight")
-        if a is None or b is None or not name.endswith(".weight"):
-            return self._backup[name]
-        base = self._backup[name].float()
-        delta = (b.to(base.device).float() @ a.to(base.device).float()) * (adapter.manifest.lora_scale or 1.0)
-        return (base + delta).to(live.dtype)
+            updates = {k: v for k, v in adapter.tensors.items() if k not in (TE1_ROWS, TE2_ROWS)}
+            unknown = [k for k in updates if k not in self._live]
+        else:
+            updates = adapter.lora_factors()
+            unknown = [k for k in updates if f"{k}.weight" not in self._live]
+        if unknown:
+            raise AdapterError(f"adapter has tensors this base lacks, e.g. {unknown[0]}")
+        return updates
+
+    def _adapted_value(self, adapter: Adapter, name: str, updates) -> torch.Tensor:
+        live = self._live[name]
+        base = self._backup[name]
+        if adapter.manifest.param_mode == "full":
+            value = updates.get(name)
+            if value is None:
+                return base
+            if adapter.manifest.attn2_storage == "weight":
+                return value.to(live.device, live.dtype, non_blocking=True)
+            return (base.float() + value.to(base.device).float()).to(live.dtype)
+        module, _, kind = name.rpartition(".")
+        factors = updates.get(module)
+        delta = None if factors is None else (factors.delta_weight if kind == "weight" else factors.delta_bias)(base.device)
+        if delta is None:
+            return base
+        return (base.float() + delta).to(live.dtype)
 
     @torch.no_grad()
     def remove(self) -> None:

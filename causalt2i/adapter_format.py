@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from causalt2i.atomic import sha256_file
 
-FORMAT_VERSION = 1
+# 2: full-mode adapters store ΔW (`attn2_storage: delta`); LoRA adapters record alpha; compressed adapters
+# record where they came from. Version 1 folders (tuned W in bf16) are still read.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+# How a full tune's ΔW is stored: measured against bf16 W, bf16 ΔW and fp32 W in BENCHMARKS.md ("Adapter
+# precision"); fp16 ΔW keeps all but ~0.03% of the tune's effect at the bytes of a bf16 W.
+FULL_DELTA_DTYPE = "float16"
 TENSORS_FILE = "adapter.safetensors"
 MANIFEST_FILE = "manifest.json"
 TE1_ROWS = "text_encoder.token_embeddings"
@@ -35,6 +41,39 @@ class AdapterSubject(BaseModel):
     class_word: str
 
 
+class ImageFidelity(BaseModel):
+    """Images of one adapter against another's, same prompts and seeds: how far apart they are (uint8 pixels)."""
+
+    model_config = ConfigDict(extra="forbid")
+    psnr_db: float | None  # null when every image is identical (infinite PSNR)
+    max_abs_diff: int  # the largest |Δ| of any pixel channel, 0..255
+    mse: float
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+
+class CompressionRecord(BaseModel):
+    """How a LoRA adapter was made from a full one (`causalt2i.compress`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_tenant: str
+    source_name: str
+    source_step: int
+    source_sha256: str  # the full adapter's tensor file
+    method: Literal["svd"] = "svd"
+    rank: int | None  # the fixed rank asked for, or null
+    energy: float | None  # the retained-energy target asked for, or null
+    ranks: dict[str, int]  # the rank each attn2 weight got
+    retained_energy: dict[str, float]  # 1 − ‖ΔW − BA‖²/‖ΔW‖² per weight
+    full_bytes: int
+    seconds: float
+    fidelity: ImageFidelity
+
+
 class AdapterManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int = FORMAT_VERSION
@@ -42,8 +81,12 @@ class AdapterManifest(BaseModel):
     base_fingerprint: str
     subjects: list[AdapterSubject]
     param_mode: Literal["full", "lora"]
-    lora_rank: int | None = None
+    lora_rank: int | None = None  # the rank (the largest one when ranks differ per module)
+    lora_alpha: float | None = None  # null: each module's alpha is lora_scale × its rank
     lora_scale: float | None = None
+    # full mode: the attn2 tensors are the tuned values (`weight`, version 1) or W_tuned − W_base (`delta`).
+    attn2_storage: Literal["weight", "delta"] = "weight"
+    compressed_from: CompressionRecord | None = None
     dtype: str
     training: dict
     metrics: dict = {}
@@ -58,6 +101,12 @@ class AdapterManifest(BaseModel):
     def tokens(self) -> list[str]:
         return [s.token for s in self.subjects]
 
+    def module_alpha(self, rank: int) -> float:
+        """A LoRA module's alpha (its update is scaled by alpha / rank, as in peft)."""
+        if self.lora_alpha is not None:
+            return self.lora_alpha
+        return (1.0 if self.lora_scale is None else self.lora_scale) * rank
+
 
 def read_manifest(path: str | Path) -> AdapterManifest:
     path = Path(path)
@@ -68,8 +117,8 @@ def read_manifest(path: str | Path) -> AdapterManifest:
         manifest = AdapterManifest.model_validate(json.loads(manifest_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as err:
         raise AdapterError(f"{manifest_path}: not a valid adapter manifest: {err}") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise AdapterError(f"{manifest_path}: format version {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    if manifest.format_version not in READABLE_FORMAT_VERSIONS:
+        raise AdapterError(f"{manifest_path}: format version {manifest.format_version}, this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     return manifest
 
 

@@ -12,11 +12,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from causalt2i.attention import install_recorder
 from causalt2i.data.merge import Canvas
-from causalt2i.lora import LoRALinear, install_lora, lora_tensors
+from causalt2i.adapter_format import FULL_DELTA_DTYPE
+from causalt2i.lora import install_lora, layer_scale, lora_tensors
 from causalt2i.losses.cdo import denoising_loss, intervened_condition
 from causalt2i.losses.sacd import SaCD, cst_loss, mean_text_embedding
 from causalt2i.losses.scag import ChannelWeights, attention_embeddings, attn_loss, identity_maps
@@ -58,10 +60,13 @@ class CausalT2I(nn.Module):
         self.sacd = SaCD(self.n, parts.image_dim, parts.text_dim)
         self.channel_weights = ChannelWeights(self.n, parts.image_dim)
         self.recorder = install_recorder(parts.unet, RECORD_MAX_TOKENS)
-        self.lora: dict[str, LoRALinear] = {}
+        self.lora: dict[str, LoraLayer] = {}
+        self._base_attn2: dict[str, torch.Tensor] = {}
         if self.config.param_mode == "lora":
-            self.lora = install_lora(parts.unet, self.config.lora_rank)
+            self.lora = install_lora(parts.unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_dropout)
         else:
+            # The artifact stores ΔW against the base (adapter_tensors), so the base is kept, on the host.
+            self._base_attn2 = {k: v.detach().to("cpu", copy=True) for k, v in attn2_state(parts.unet).items()}
             for tensor in attn2_state(parts.unet).values():
                 tensor.requires_grad_(True)
         for module in identifier_embeddings(parts):
@@ -178,15 +183,30 @@ class CausalT2I(nn.Module):
 
     # --- export ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def adapter_tensors(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The artifact's tensors (METHOD.md, "The tenant artifact").
+
+        `lora`: the factors in fp32 (small, and a 16-bit B·A would be rounded twice). `full`: ΔW = W_tuned −
+        W_base per attn2 tensor in `FULL_DELTA_DTYPE`; a 16-bit ΔW is rounded relative to the change itself,
+        so the served weights keep the tune's effect (a 16-bit W_tuned rounds relative to W, which loses
+        several percent of a small change).
+        """
         te1, te2 = identifier_embeddings(self.parts)
-        tensors = {name: t.detach().to("cpu", dtype) for name, t in self.attention_parameters().items()}
         if self.lora:
-            # LoRA factors stay fp32: they are small, and bf16 would round the product B·A twice.
             tensors = {name: t.detach().to("cpu", torch.float32) for name, t in self.attention_parameters().items()}
+        else:
+            delta_dtype = getattr(torch, FULL_DELTA_DTYPE)
+            tensors = {name: (t.detach().to("cpu", torch.float32) - self._base_attn2[name].float()).to(delta_dtype) for name, t in self.attention_parameters().items()}
         tensors["text_encoder.token_embeddings"] = te1.rows.detach().to("cpu", torch.float32)
         tensors["text_encoder_2.token_embeddings"] = te2.rows.detach().to("cpu", torch.float32)
         return tensors
+
+    def adapter_form(self) -> dict:
+        """The manifest fields that say how `adapter_tensors` encode the attn2 change."""
+        if self.lora:
+            rank, alpha = self.config.lora_rank, self.config.lora_alpha
+            return {"lora_rank": rank, "lora_alpha": float(rank if alpha is None else alpha), "lora_scale": layer_scale(next(iter(self.lora.values()))), "dtype": "float32"}
+        return {"attn2_storage": "delta", "dtype": FULL_DELTA_DTYPE}
 
 
 def _to_float_array(image):

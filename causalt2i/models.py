@@ -110,8 +110,8 @@ def attn2_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in attn2_modules(unet).items():
         for projection in ATTN2_PROJECTIONS:
             linear = module.get_submodule(projection)
-            # Under LoRA training the projection is wrapped; the base tensors are what attn2 means here.
-            linear = getattr(linear, "base", linear)
+            # Under LoRA training peft wraps the projection; the base tensors are what attn2 means here.
+            linear = getattr(linear, "base_layer", linear)
             for param_name, param in linear.named_parameters(recurse=False):
                 state[f"{module_name}.{projection}.{param_name}"] = param
     return dict(sorted(state.items()))

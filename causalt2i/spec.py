@@ -94,7 +94,9 @@ class TrainConfig(StrictModel):
     gamma: Literal["normalized", "raw"] = "normalized"
     resolution: Annotated[int, Field(ge=64, le=2048, description="canvas size; a multiple of 64")] = 1024
     param_mode: Literal["full", "lora"] = "full"
-    lora_rank: Annotated[int, Field(ge=1, le=256)] = 16
+    lora_rank: Annotated[int, Field(ge=1, le=256, description="LoRA rank r (param_mode: lora)")] = 16
+    lora_alpha: Annotated[float | None, Field(gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha / r; null = r (scale 1)")] = None
+    lora_dropout: Annotated[float, Field(ge=0, lt=1, description="dropout on the LoRA branch's input during training (peft's lora_dropout)")] = 0.0
     gradient_checkpointing: bool = False
     checkpoint_every: Annotated[int, Field(gt=0)] = 100
     num_canvases: Annotated[int | None, Field(gt=0, le=64, description="K merged training images; null = fewest references of any subject")] = None

@@ -125,6 +125,9 @@ class Trainer:
             "epoch_order": list(self.epoch_order),
             "losses": list(self.losses),
             "last_terms": dict(self.last_terms),
+            # torch's global generators drive LoRA dropout; restoring them keeps a resume exact.
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_progress_state(self, state: dict) -> None:
@@ -134,6 +137,10 @@ class Trainer:
         self.step = int(state["step"])
         self.losses = list(state["losses"])
         self.last_terms = dict(state.get("last_terms", {}))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def state_dict(self) -> dict:
         return {
@@ -270,9 +277,7 @@ class Trainer:
                 "base_fingerprint": model.parts.base_fingerprint(),
                 "subjects": [{"token": s.token, "class_word": s.class_word} for s in self.spec.subjects],
                 "param_mode": cfg.param_mode,
-                "lora_rank": cfg.lora_rank if cfg.param_mode == "lora" else None,
-                "lora_scale": next(iter(model.lora.values())).scale if model.lora else None,
-                "dtype": "float32" if model.lora else "bfloat16",
+                **model.adapter_form(),
                 "training": cfg.model_dump(),
                 "metrics": {"final_loss": self.losses[-1] if self.losses else None, "terms": self.last_terms, **model.diagnostics()},
                 "tenant": self.spec.tenant,

@@ -14,7 +14,7 @@ def test_lora_trains_factors_only_and_the_applied_adapter_matches_the_trained_un
         trainer.train_step()
     for name, tensor in attn2_state(trainer.model.parts.unet).items():
         assert torch.equal(tensor, base[name]), f"{name}: a base weight moved under LoRA"
-    lora_b = [m.lora_B for m in trainer.model.lora.values()]
+    lora_b = [m.lora_B["default"].weight for m in trainer.model.lora.values()]
     assert any(b.abs().sum() > 0 for b in lora_b), "LoRA B never left zero"
 
     adapter = load_adapter(trainer.export_adapter())
