@@ -87,7 +87,8 @@ class SDXLParts:
         """sha256 over the base attn2 projection tensors (name, dtype, shape, bytes), in name order.
 
         An adapter records it, and applying an adapter to a different base is refused. It must be taken
-        before any adapter is applied; it is cached for that reason.
+        before any adapter is applied, and before a cast to a serving dtype; `load_sdxl` takes it and it
+        is cached for those reasons.
         """
         if self._fingerprint is None:
             digest = hashlib.sha256()
@@ -151,6 +152,9 @@ def load_sdxl(
     for module in parts.modules().values():
         module.requires_grad_(False)
         module.eval()
+    # Fingerprint the weights as loaded, before any cast: a base served in fp16 must still accept the
+    # adapters tuned on it in fp32 (a fingerprint of the fp16 copy would refuse every one of them).
+    parts.base_fingerprint()
     if device is not None or dtype is not None:
         parts.to(device or "cpu", dtype)
     return parts
