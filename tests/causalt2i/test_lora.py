@@ -32,3 +32,44 @@ def test_lora_trains_factors_only_and_the_applied_adapter_matches_the_trained_un
         merged_out = fresh.unet(sample, torch.tensor([10]), encoder_hidden_states=context, added_cond_kwargs=added).sample
     # Merging B·A into W in fp32 reorders the sums of the unmerged forward: 1e-5 covers that rounding.
     assert torch.allclose(trained_out, merged_out, rtol=1e-4, atol=1e-5)
+
+
+def test_the_factors_carry_peft_names_and_the_spec_sets_alpha_and_dropout(make_spec, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    from causalt2i.lora import lora_tensors
+
+    trainer = Trainer(make_spec(param_mode="lora", lora_rank=4, lora_alpha=2.0, lora_dropout=0.25, steps=1), tmp_path / "run")
+    unet = trainer.model.parts.unet
+    assert set(lora_tensors(trainer.model.lora)) == set(get_peft_model_state_dict(unet, adapter_name="default"))
+    for layer in trainer.model.lora.values():
+        assert layer.scaling["default"] == 0.5 and layer.lora_dropout["default"].p == 0.25
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+    manifest = load_adapter(trainer.export_adapter()).manifest
+    assert (manifest.lora_rank, manifest.lora_alpha, manifest.lora_scale) == (4, 2.0, 0.5)
+
+
+def test_a_resume_with_lora_dropout_is_exact(make_spec, tmp_path):
+    """Dropout draws from torch's global RNG; the checkpoint restores it, so k steps + resume + N − k = N steps."""
+    spec = make_spec(param_mode="lora", lora_rank=4, lora_dropout=0.5, lr=1e-2, steps=4)
+    straight = Trainer(spec, tmp_path / "straight")
+    for _ in range(4):
+        straight.train_step()
+    first = Trainer(spec, tmp_path / "first")
+    for _ in range(2):
+        first.train_step()
+    state = first.state_dict()
+
+    def resumed(checkpoint: dict, name: str) -> dict:
+        trainer = Trainer(spec, tmp_path / name)  # re-seeds torch's RNG, as a fresh process would
+        trainer.load_state_dict(checkpoint)
+        for _ in range(2):
+            trainer.train_step()
+        return trainer.model.named_trainable()
+
+    expected = straight.model.named_trainable()
+    for name, tensor in resumed(state, "resumed").items():
+        assert torch.equal(tensor, expected[name]), name
+    without_rng = {k: v for k, v in state.items() if k != "torch_rng"}
+    lost = resumed(without_rng, "without-rng")
+    assert any(not torch.equal(lost[k], expected[k]) for k in expected if ".lora_" in k), "dropout had no effect, so this test could not fail"
