@@ -1,7 +1,7 @@
 """`ct2i`: the platform's command line.
 
-`ct2i train` runs the CausalT2I trainer in this process. The generation commands (`generate`, `eval`)
-and the control-plane commands (`tenants`, `keys`, `submit`, `jobs`, `adapters`, `serve`) register
+`ct2i train` runs the CausalT2I trainer in this process. The generation commands (`generate`, `eval`),
+the adapter commands (`export`, `compress`) and the control-plane commands (`tenants`, `keys`, `submit`, `jobs`, `adapters`, `serve`) register
 themselves from their own modules.
 """
 
@@ -39,7 +39,8 @@ SPEC.yaml (unknown keys are rejected; errors name the field):
   train: {steps: null, lr: 5.0e-5, mask_lr: 1.0e-2, aux_lr: 1.0e-4, alpha: 0.001,
           lambda_attn: 1.0, lambda_text: 0.0, cst_form: shifted, cst_grad: masks,
           gamma: normalized, resolution: 1024, param_mode: full, lora_rank: 16,
-          gradient_checkpointing: false, checkpoint_every: 100, seed: 0}
+          lora_alpha: null, lora_dropout: 0.0, gradient_checkpointing: false,
+          checkpoint_every: 100, seed: 0}
 
 The run folder DIR gets spec.json, checkpoints/, metrics.jsonl and, when done, adapter/
 (adapter.safetensors + manifest.json). The adapter's path is printed last on stdout.
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub) -> None:
     """Commands of the other layers, registered when their modules are installed."""
-    for module_name, function in (("cluster.cli_generate", "add_generation_commands"), ("cluster.cli_admin", "add_control_plane_commands"), ("serve.cli", "add_serve_commands")):
+    for module_name, function in (("cluster.cli_generate", "add_generation_commands"), ("cluster.cli_portable", "add_portable_commands"), ("cluster.cli_admin", "add_control_plane_commands"), ("serve.cli", "add_serve_commands")):
         try:
             module = __import__(module_name, fromlist=[function])
         except ModuleNotFoundError as err:
