@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {width} | {cells[0]} | {cells[1]} |")
     floor = tune_effect_lost({k: v.half() for k, v in trained.items()}, trained, base)
     print(f"\nfp16 floor (the trained weights themselves in fp16): {floor:.3%}")
-    host_served = {}
     generator.use(full)
     host_served = {k: v.detach().clone() for k, v in attn2_state(generator.parts.unet).items()}
     generator.use(None)

@@ -36,7 +36,7 @@ from safetensors.torch import save as save_safetensors
 
 from causalt2i.adapter import TE1_ROWS, TE2_ROWS, Adapter, load_adapter
 from causalt2i.atomic import atomic_write_bytes, fsync_dir
-from causalt2i.lora import LORA_A, LORA_B, LoRAFactors
+from causalt2i.lora import LORA_A, LORA_B, LORA_B_BIAS, LoRAFactors, peft_config
 from causalt2i.models import TINY, ModelLoadError
 
 FORMATS = ("diffusers", "kohya", "embeddings")
@@ -140,23 +140,22 @@ def _lora_factors(adapter: Adapter, fmt: str) -> dict[str, LoRAFactors]:
 
 
 def diffusers_lora_metadata(factors: dict[str, LoRAFactors]) -> dict:
-    """The peft `LoraConfig` fields diffusers' `load_lora_into_unet` builds the adapter from (prefix `unet.`)."""
-    ranks = {module: f.rank for module, f in factors.items()}
-    alphas = {module: f.alpha for module, f in factors.items()}
-    rank = collections.Counter(ranks.values()).most_common(1)[0][0]
-    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    config = {
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": sorted(factors),
-        # Anchored patterns as diffusers writes them itself (`^<module>`), so no module matches another's.
-        "rank_pattern": {f"^{re.escape(m)}": r for m, r in sorted(ranks.items()) if r != rank},
-        "alpha_pattern": {f"^{re.escape(m)}": a for m, a in sorted(alphas.items()) if a != alpha},
-        "lora_bias": carries_bias(factors),
+    """The peft `LoraConfig` fields diffusers' `load_lora_into_unet` builds the adapter from (prefix `unet.`).
+
+    Only the fields that shape the adapter, so the header also suits peft versions other than this one.
+    """
+    config = peft_config({m: f.rank for m, f in factors.items()}, {m: f.alpha for m, f in factors.items()}, bias=carries_bias(factors))
+    fields = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules),
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "lora_bias": config.lora_bias,
         "lora_dropout": 0.0,
         "use_dora": False,
     }
-    return {f"unet.{key}": value for key, value in config.items()}
+    return {f"unet.{key}": value for key, value in fields.items()}
 
 
 def carries_bias(factors: dict[str, LoRAFactors]) -> bool:
@@ -172,7 +171,7 @@ def diffusers_lora_file(factors: dict[str, LoRAFactors]) -> bytes:
         tensors[f"unet.{module}{LORA_A}"] = f.down.float()
         tensors[f"unet.{module}{LORA_B}"] = f.up.float()
         if with_bias:
-            tensors[f"unet.{module}.lora_B.bias"] = torch.zeros(f.up.shape[0]) if f.bias is None else f.bias.float()
+            tensors[f"unet.{module}{LORA_B_BIAS}"] = torch.zeros(f.up.shape[0]) if f.bias is None else f.bias.float()
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(diffusers_lora_metadata(factors), indent=2, sort_keys=True)}
     return _safetensors(tensors, metadata)
 

@@ -15,9 +15,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from causalt2i.adapter_format import FULL_DELTA_DTYPE
 from causalt2i.attention import install_recorder
 from causalt2i.data.merge import Canvas
-from causalt2i.adapter_format import FULL_DELTA_DTYPE
 from causalt2i.lora import install_lora, layer_scale, lora_tensors
 from causalt2i.losses.cdo import denoising_loss, intervened_condition
 from causalt2i.losses.sacd import SaCD, cst_loss, mean_text_embedding
