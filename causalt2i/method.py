@@ -183,22 +183,27 @@ class CausalT2I(nn.Module):
 
     # --- export ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+    def adapter_tensors(self, master: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The artifact's tensors (METHOD.md, "The tenant artifact").
 
         `lora`: the factors in fp32 (small, and a 16-bit B·A would be rounded twice). `full`: ΔW = W_tuned −
         W_base per attn2 tensor in `FULL_DELTA_DTYPE`; a 16-bit ΔW is rounded relative to the change itself,
         so the served weights keep the tune's effect (a 16-bit W_tuned rounds relative to W, which loses
         several percent of a small change).
+
+        `master` maps `named_trainable()` names to fp32 values to use instead of the module's parameters:
+        under DeepSpeed bf16 the module holds bf16 copies and the fp32 masters live in the optimizer.
         """
+        master = master or {}
         te1, te2 = identifier_embeddings(self.parts)
+        values = {name: master.get(f"unet.{name}", t).detach().to("cpu", torch.float32) for name, t in self.attention_parameters().items()}
         if self.lora:
-            tensors = {name: t.detach().to("cpu", torch.float32) for name, t in self.attention_parameters().items()}
+            tensors = values
         else:
             delta_dtype = getattr(torch, FULL_DELTA_DTYPE)
-            tensors = {name: (t.detach().to("cpu", torch.float32) - self._base_attn2[name].float()).to(delta_dtype) for name, t in self.attention_parameters().items()}
-        tensors["text_encoder.token_embeddings"] = te1.rows.detach().to("cpu", torch.float32)
-        tensors["text_encoder_2.token_embeddings"] = te2.rows.detach().to("cpu", torch.float32)
+            tensors = {name: (value - self._base_attn2[name].float()).to(delta_dtype) for name, value in values.items()}
+        tensors["text_encoder.token_embeddings"] = master.get("text_encoder.token_rows", te1.rows).detach().to("cpu", torch.float32)
+        tensors["text_encoder_2.token_embeddings"] = master.get("text_encoder_2.token_rows", te2.rows).detach().to("cpu", torch.float32)
         return tensors
 
     def adapter_form(self) -> dict:

@@ -265,13 +265,14 @@ class Trainer:
             previous[signum] = signal.signal(signum, lambda *_, name=name: setattr(self, "_stop_signal", name))
         return previous
 
-    def export_adapter(self, out_dir: Path | None = None) -> Path:
+    def export_adapter(self, out_dir: Path | None = None, *, master: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the adapter; `master`: fp32 values of the trainable tensors when the module holds lower-precision copies."""
         out_dir = out_dir or self.run_dir / ADAPTER_DIR
         model = self.model
         cfg = self.cfg
         save_adapter(
             out_dir,
-            model.adapter_tensors(),
+            model.adapter_tensors(master),
             {
                 "base_model": self.spec.base_model,
                 "base_fingerprint": model.parts.base_fingerprint(),

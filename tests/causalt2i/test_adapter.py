@@ -124,3 +124,19 @@ def test_a_full_artifact_keeps_all_but_one_percent_of_the_tune(full_tune_500, se
     host.remove()
     for name, tensor in attn2_state(parts.unet).items():
         assert torch.equal(tensor, full_tune_500.base[name].to(serve_dtype)), name
+
+
+def test_the_export_takes_fp32_masters_when_the_module_holds_bf16_copies(make_spec, tmp_path):
+    """DeepSpeed bf16 keeps bf16 parameters in the module and fp32 masters in its optimizer."""
+    trainer = Trainer(make_spec(steps=1, lr=1e-3), tmp_path / "run")
+    trainer.train_step()
+    master = {k: v.detach().clone() for k, v in trainer.model.named_trainable().items()}
+    for tensor in attn2_state(trainer.model.parts.unet).values():
+        tensor.data = tensor.data.to(torch.bfloat16)
+    with_master = trainer.model.adapter_tensors(master)
+    from_module = trainer.model.adapter_tensors()
+    base = trainer.model._base_attn2
+    for name, delta in with_master.items():
+        if name in base:
+            assert torch.equal(delta, (master[f"unet.{name}"] - base[name]).half()), name
+    assert any(not torch.equal(from_module[k], with_master[k]) for k in base), "the bf16 copies gave the same ΔW: the test cannot tell"
