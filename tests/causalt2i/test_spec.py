@@ -30,6 +30,8 @@ def _mutations():
         ("bad tenant", lambda d: d.update(tenant="Acme Corp"), "tenant"),
         ("no subjects", lambda d: d.update(subjects=[]), "subjects"),
         ("bad param mode", lambda d: d["train"].update(param_mode="half"), "train.param_mode"),
+        ("LoRA dropout of 1", lambda d: d["train"].update(lora_dropout=1.0), "train.lora_dropout"),
+        ("LoRA alpha of 0", lambda d: d["train"].update(lora_alpha=0), "train.lora_alpha"),
     ]
 
 
