@@ -33,7 +33,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres'] + p['
     && python -c "import ray, sys; v = ray.__version__; sys.exit(0 if v == '${RAY_VERSION}' else f'ray {v} != ${RAY_VERSION}')"
 
 # The project itself (no dependency resolution: they are all above). The source stays in WORKDIR too,
-# so `serve deploy serve/config.yaml` and `python -m tune.job` work from here as from a checkout.
+# so `serve deploy serve/config.yaml` and `python -m ct2i.job` work from here as from a checkout.
 COPY --chown=1000:100 README.md ./
 COPY --chown=1000:100 causalt2i ./causalt2i
 COPY --chown=1000:100 cluster ./cluster

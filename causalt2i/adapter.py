@@ -10,6 +10,15 @@ tensors and the reserved identifier-token rows; remove copies the saved base val
 An applied value is computed in fp32 from the saved base and cast once to the live dtype: W + ΔW for a
 full adapter that stores ΔW (`attn2_storage: delta`), W + (α/r)·B·A for LoRA (the same sum peft's merge
 computes, so a fused diffusers pipeline holds the same bits), or the stored W of a version-1 full adapter.
+
+Full-mode precision (issue 14): the artifact stores ΔW = W_tuned − W_base in fp16, and the served weight
+is rounded once. A base served in a 16-bit dtype has already lost the low bits of W_base; adding ΔW to it
+and casting rounds twice (1.09% of the tune's effect lost in fp16 on the tiny 500-step tune, against a
+0.78% floor that is the rounding of W_tuned itself). When the parts were cast with `keep_attn2_residual`
+(`load_sdxl(dtype=...)` does), the host adds ΔW to hi + lo, the live 16-bit base plus the residual the
+cast rounded away, which is the fp32 base to within 2⁻²⁰ of its largest entry (2⁻¹⁵ in bf16), and casts that sum once (0.78%). The
+residual costs one more 16-bit copy of attn2 (1.09 GB at SDXL size in fp16) on the backup device, so a
+swap stays a device-side computation. LoRA values keep the live base (peft's merged bits).
 """
 
 from __future__ import annotations
@@ -108,6 +117,8 @@ class AdapterHost:
         self._live = attn2_state(parts.unet)
         device = backup_device or parts.device
         self._backup = {k: v.detach().to(device, copy=True) for k, v in self._live.items()}
+        residual = parts.attn2_residual
+        self._residual = {k: residual[k].to(device) for k in self._live} if residual is not None else None
         self._tables = []
         for encoder in (parts.text_encoder, parts.text_encoder_2):
             vocab = encoder.get_input_embeddings().weight.shape[0]
@@ -165,7 +176,8 @@ class AdapterHost:
                 return base
             if adapter.manifest.attn2_storage == "weight":
                 return value.to(live.device, live.dtype, non_blocking=True)
-            return (base.float() + value.to(base.device).float()).to(live.dtype)
+            fp32_base = base.float() if self._residual is None else base.float() + self._residual[name].float()
+            return (fp32_base + value.to(base.device).float()).to(live.dtype)
         module, _, kind = name.rpartition(".")
         factors = updates.get(module)
         delta = None if factors is None else (factors.delta_weight if kind == "weight" else factors.delta_bias)(base.device)

@@ -4,6 +4,11 @@ Switching a resident base to a cached adapter is one host→device copy per tens
 graphs stay valid); a miss first reads and sha256-verifies the file. The bound is on the adapters' tensor
 bytes, which is what occupies (page-locked) host memory; a full-mode SDXL adapter is ~1 GB.
 
+With a shared `policy` (`causalt2i.slot_pool.RecencyPolicy`), the cache evicts by the same recency order the
+device slot pool uses, so both tiers of a mixed-LoRA replica follow one policy; `on_evict` is then how the pool
+learns that an adapter left the host tier (it frees its slot). Eviction is always an explicit call, never a
+finaliser.
+
 Loads run outside the lock, so a slow miss does not block hits on other adapters. Two threads that miss
 the same key at once both load it; the second insert replaces the first (counted as two loads).
 """
@@ -52,6 +57,7 @@ class AdapterCache:
         loader: AdapterLoader = load_adapter,
         on_evict: EvictionCallback | None = None,
         pin: bool = True,
+        policy=None,
     ):
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes: must be > 0, got {capacity_bytes}")
@@ -59,6 +65,7 @@ class AdapterCache:
         self._loader = loader
         self._on_evict = on_evict
         self._pin = pin
+        self._policy = policy
         self._entries: OrderedDict[str, Adapter] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
@@ -70,6 +77,8 @@ class AdapterCache:
             if adapter is not None:
                 self._entries.move_to_end(key)
                 self._hits += 1
+                if self._policy is not None:
+                    self._policy.touch(key)
                 return adapter
             self._misses += 1
         adapter = self._loader(source if source is not None else key)
@@ -90,13 +99,19 @@ class AdapterCache:
             previous = self._entries.pop(key, None)
             if previous is not None:
                 self._nbytes -= previous.nbytes
+            if self._policy is not None:
+                self._policy.touch(key)
             while self._entries and self._nbytes + size > self.capacity_bytes:
-                old_key, old = self._entries.popitem(last=False)
+                old_key = next(iter(self._entries)) if self._policy is None else self._policy.victim(self._entries)
+                old = self._entries.pop(old_key)
                 self._nbytes -= old.nbytes
                 self._evictions += 1
                 evicted.append((old_key, old))
             self._entries[key] = adapter
             self._nbytes += size
+        for old_key, _ in evicted:
+            if self._policy is not None:
+                self._policy.forget(old_key)
         if self._on_evict is not None:
             for old_key, old in evicted:
                 self._on_evict(old_key, old)
@@ -109,6 +124,8 @@ class AdapterCache:
                 return False
             self._nbytes -= adapter.nbytes
             self._evictions += 1
+        if self._policy is not None:
+            self._policy.forget(key)
         if self._on_evict is not None:
             self._on_evict(key, adapter)
         return True

@@ -35,6 +35,24 @@ class AdapterError(ValueError):
     """An adapter that must not be loaded or applied; the message says why."""
 
 
+def tensor_group(name: str) -> str:
+    """The group a tensor's dtype is recorded under: the token rows by name, else `lora` or `attn2`."""
+    if name in (TE1_ROWS, TE2_ROWS):
+        return name
+    return "lora" if ".lora_" in name else "attn2"
+
+
+def tensor_dtypes(tensors) -> dict[str, str]:
+    """{group: dtype name} of a tensor mapping (anything with a `.dtype` such as `torch.float32`)."""
+    groups: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        group = tensor_group(name)
+        if groups.setdefault(group, dtype) != dtype:
+            raise AdapterError(f"{name}: dtype {dtype}, but other {group} tensors are {groups[group]}")
+    return groups
+
+
 class AdapterSubject(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token: str
@@ -87,7 +105,9 @@ class AdapterManifest(BaseModel):
     # full mode: the attn2 tensors are the tuned values (`weight`, version 1) or W_tuned − W_base (`delta`).
     attn2_storage: Literal["weight", "delta"] = "weight"
     compressed_from: CompressionRecord | None = None
-    dtype: str
+    dtype: str  # of the attention tensors (attn2 or LoRA factors)
+    tensor_dtypes: dict[str, str] = {}  # every tensor group's dtype (`tensor_group`), e.g. token rows in float32
+    alpha: float | None = None  # the L_cst weight the run used (calibrated under `alpha: auto`)
     training: dict
     metrics: dict = {}
     tensors_sha256: str

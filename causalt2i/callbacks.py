@@ -24,7 +24,18 @@ class TrainerCallback(Protocol):
 
     def on_step(self, info: StepInfo) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_preview(self, step: int, folder: Path) -> None: ...
     def should_stop(self) -> bool: ...
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -56,9 +67,14 @@ class ProgressCallback:
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._write(f"checkpoint step {step}: {path}")
 
+    def on_preview(self, step: int, folder: Path) -> None:
+        self._write(f"preview step {step}: {folder}")
+
     def on_diagnostics(self, step: int, diagnostics: dict) -> None:
-        """Mask mean/std per M_i and γ̃ entropies: a mask spread near 0 means SaCD has not learned yet."""
-        self._write(f"diagnostics step {step}: " + " ".join(f"{k}={v}" for k, v in diagnostics.items()))
+        """SaCD/SCaG diagnostics (`CausalT2I.diagnostics`): per subject cos(f_i, f_i^s) vs cos(f̄_i, f_i^s),
+        each term's share of the mask-logit gradient, mask spread, γ̃ entropy, α. A cos margin near 0 or an
+        L_cst share near 0 means SaCD is not doing anything."""
+        self._write(f"diagnostics step {step}: " + " ".join(f"{k}={v}" for k, v in _flatten(diagnostics).items()))
 
     def _write(self, line: str) -> None:
         if self.bar is not None:

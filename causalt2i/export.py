@@ -15,7 +15,7 @@ A `full`-mode adapter has no LoRA form: `diffusers` and `kohya` refuse it and sa
 (`causalt2i.compress`); `embeddings` works for every adapter.
 
 `export_files` returns the export as {relative path: bytes} (what a streamed download zips, see
-`write_zip`); `write_export` writes it as a folder, atomically (a temp folder renamed into place).
+`zip_chunks`: the archive is produced piece by piece, never whole); `write_export` writes it as a folder, atomically (a temp folder renamed into place).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import torch
@@ -209,9 +210,9 @@ def kohya_lora_tensors(factors: dict[str, LoRAFactors], layers_per_block: int) -
 def unet_layers_per_block(base_model: str) -> int:
     """`layers_per_block` of the base's U-Net config, which fixes the SGM block numbers."""
     if base_model == TINY:
-        from causalt2i.tiny import tiny_unet_config
+        from causalt2i.tiny import TINY_CONFIGS, read_config
 
-        value = tiny_unet_config()["layers_per_block"]
+        value = read_config(TINY_CONFIGS, "unet")["layers_per_block"]
     else:
         from diffusers import UNet2DConditionModel
 
@@ -388,8 +389,47 @@ def write_export(adapter: Adapter | str | Path, fmt: str, out_dir: str | Path, *
     return export
 
 
-def write_zip(export: Export, handle: BinaryIO) -> None:
-    """The export as a zip archive into a binary stream (a streamed HTTP download writes into its response)."""
-    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+ZIP_CHUNK_BYTES = 64 * 1024
+"""The most file bytes `zip_chunks` puts in one piece (plus at most one entry's header or the central directory)."""
+
+
+class _Pieces:
+    """A write-only, unseekable sink: zipfile then writes each entry's sizes in a data descriptor after its data,
+    so nothing already handed out has to be patched, and `take` can pass the bytes on as they come."""
+
+    def __init__(self):
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+def zip_chunks(export: Export, chunk_bytes: int = ZIP_CHUNK_BYTES) -> Iterator[bytes]:
+    """The export as a zip archive (stored, files in name order), yielded in pieces of at most about `chunk_bytes`:
+    what a streamed HTTP download sends, so the archive is never held whole beside the files it is made of."""
+    sink = _Pieces()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:  # type: ignore[arg-type]
         for name, data in sorted(export.files.items()):
-            archive.writestr(name, data)
+            with archive.open(name, "w", force_zip64=len(data) >= zipfile.ZIP64_LIMIT) as entry:
+                for start in range(0, len(data), chunk_bytes):
+                    entry.write(data[start:start + chunk_bytes])
+                    if piece := sink.take():
+                        yield piece
+            if piece := sink.take():
+                yield piece
+    if piece := sink.take():
+        yield piece  # the central directory
+
+
+def write_zip(export: Export, handle: BinaryIO) -> None:
+    """The export as a zip archive into a binary stream: the same bytes `zip_chunks` yields."""
+    for piece in zip_chunks(export):
+        handle.write(piece)

@@ -30,30 +30,32 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from causalt2i.adapter import Adapter, AdapterError, AdapterHost
+from causalt2i.errors import FieldError, field_error
 from causalt2i.models import SDXLParts
 from causalt2i.text import PromptError, encode_prompts
 
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
-MAX_IMAGES = 16
-SIZE_MULTIPLE = 8
-ABSOLUTE_MIN_SIDE = 32
-ABSOLUTE_MAX_SIDE = 2048
-MAX_SEED = 2**63 - 1
+from causalt2i.limits import (  # noqa: E402,F401  (the limits are re-exported: callers import them from here)
+    ABSOLUTE_MAX_SIDE,
+    ABSOLUTE_MIN_SIDE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    SIZE_MULTIPLE,
+    GuidanceScale,
+    ImageCount,
+    SamplingSteps,
+    Seed,
+)
 
 ProgressCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, total steps)."""
 
 
-class GenerationError(ValueError):
+class GenerationError(FieldError):
     """A generation that must not run. `field` names the offending input (e.g. `steps`, `adapter`)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
 
 
 def size_range(default_resolution: int) -> tuple[int, int]:
@@ -72,13 +74,13 @@ class GenerationRequest(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, description="may use the adapter's identifier tokens, e.g. `a <s1> cat`")]
     negative_prompt: Annotated[str, Field(description="what CFG steers away from; empty = a zero embedding")] = ""
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="DPM-Solver++ steps")] = DEFAULT_STEPS
-    guidance: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, description="CFG scale; ≤ 1 disables CFG")] = DEFAULT_GUIDANCE
+    steps: SamplingSteps = DEFAULT_STEPS
+    guidance: GuidanceScale = DEFAULT_GUIDANCE
     width: Annotated[int | None, Field(description="pixels, a multiple of 8; null = the base's native size")] = None
     height: Annotated[int | None, Field(description="pixels, a multiple of 8; null = the base's native size")] = None
-    n: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="number of images")] = 1
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED, description="image i uses seed + i unless `seeds` is given")] = 0
-    seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None, Field(description="one seed per image (length n)")] = None
+    n: ImageCount = 1
+    seed: Annotated[Seed, Field(description="image i uses seed + i unless `seeds` is given")] = 0
+    seeds: Annotated[list[Seed] | None, Field(description="one seed per image (length n)")] = None
 
     @field_validator("width", "height")
     @classmethod
@@ -109,18 +111,8 @@ class GenerationRequest(BaseModel):
 
 
 def _generation_error(err: ValidationError) -> GenerationError:
-    for problem in err.errors(include_url=False):
-        inner = problem.get("ctx", {}).get("error")
-        if isinstance(inner, GenerationError):
-            return inner
-    first = err.errors(include_url=False)[0]
-    field_name = ".".join(str(part) for part in first["loc"]) or "request"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif "input" in first and first["type"] not in ("missing", "value_error"):
-        message = f"{message} (got {first['input']!r})"
-    return GenerationError(field_name, message)
+    found = field_error(err)
+    return found if isinstance(found, GenerationError) else GenerationError(found.field or "request", found.message)
 
 
 def parse_request(data: dict | GenerationRequest, parts: SDXLParts | None = None) -> GenerationRequest:
@@ -205,10 +197,7 @@ def generate(
             negative_embeds, negative_pooled = torch.zeros_like(positive.embeds), torch.zeros_like(positive.pooled)
         embeds = torch.cat([negative_embeds.expand(count, -1, -1), embeds])
         pooled = torch.cat([negative_pooled.expand(count, -1), pooled])
-    embeds = embeds.to(device, unet_dtype)
-    pooled = pooled.to(device, unet_dtype)
-    time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=unet_dtype, device=device).expand(embeds.shape[0], -1)
-    added_cond = {"text_embeds": pooled, "time_ids": time_ids}
+    embeds, added_cond = unet_conditions(embeds, pooled, height, width, unet_dtype, device)
     timings["encode"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -218,6 +207,30 @@ def generate(
     latent_shape = (parts.unet.config.in_channels, height // scale, width // scale)
     # The scheduler's arithmetic stays in float32 whatever the U-Net's dtype.
     latents = initial_latents(seeds, latent_shape).to(device) * scheduler.init_noise_sigma
+    latents = denoise(parts, scheduler, latents, embeds, added_cond, use_cfg, request.guidance, unet_dtype, progress)
+    timings["denoise"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    pixels = decode_latents(parts, latents)
+    timings["decode"] = time.perf_counter() - started
+    images = [Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB") for image in pixels]
+    return GenerationResult(images=images, pixels=pixels, seeds=seeds, timings=timings)
+
+
+def unet_conditions(embeds: torch.Tensor, pooled: torch.Tensor, height: int, width: int, unet_dtype: torch.dtype,
+                    device) -> tuple[torch.Tensor, dict]:
+    """The U-Net's text states and SDXL's added conditions (pooled text, size/crop time ids), one row per U-Net row."""
+    embeds = embeds.to(device, unet_dtype)
+    pooled = pooled.to(device, unet_dtype)
+    time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=unet_dtype, device=device).expand(embeds.shape[0], -1)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def denoise(parts: SDXLParts, scheduler, latents: torch.Tensor, embeds: torch.Tensor, added_cond: dict, use_cfg: bool,
+            guidance, unet_dtype: torch.dtype, progress=None) -> torch.Tensor:
+    """The sampling loop, shared by single-adapter and mixed-adapter passes. `guidance` is a float or a per-image
+    [n, 1, 1, 1] tensor; under CFG the U-Net rows are [unconditional; conditional]."""
+    device = parts.device
     total = len(scheduler.timesteps)
     for index, timestep in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if use_cfg else latents
@@ -226,17 +239,11 @@ def generate(
         prediction = parts.unet(model_input, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added_cond).sample.float()
         if use_cfg:
             unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + request.guidance * (conditional - unconditional)
+            prediction = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(prediction, timestep, latents).prev_sample
         if progress is not None:
             progress(index + 1, total)
-    timings["denoise"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    pixels = decode_latents(parts, latents)
-    timings["decode"] = time.perf_counter() - started
-    images = [Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB") for image in pixels]
-    return GenerationResult(images=images, pixels=pixels, seeds=seeds, timings=timings)
+    return latents
 
 
 def decode_latents(parts: SDXLParts, latents: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,9 @@ class SDXLParts:
     image_encoder: CLIPVisionModelWithProjection
     default_resolution: int = 1024
     _fingerprint: str | None = field(default=None, repr=False)
+    # fp32 attn2 weight = hi + lo, hi being the live 16-bit tensor: `lo` is what the cast to a serving dtype
+    # rounded away, kept (in that dtype, on the U-Net's device) so a full adapter's base + ΔW is rounded once.
+    attn2_residual: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def text_dim(self) -> int:
@@ -77,10 +80,35 @@ class SDXLParts:
             "image_encoder": self.image_encoder,
         }
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDXLParts":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, *, keep_attn2_residual: bool = False) -> "SDXLParts":
+        """Move every module to `device`; with `dtype`, hold the frozen modules in it (the dtype policy).
+
+        The VAE keeps fp32 unless its config says `force_upcast: false` (the fp16-fix VAE): SDXL's own
+        VAE overflows in half precision (METHOD.md, "dtype policy"). The base fingerprint is taken first,
+        on the weights as loaded, so it does not depend on the policy a process runs under.
+
+        `keep_attn2_residual`: when this cast lowers the U-Net's precision, keep `attn2_residual` (one more
+        16-bit copy of the attn2 tensors) so `AdapterHost` can add a full adapter's ΔW to the fp32 base and
+        round once (issue 14's precision bound); serving asks for it, training does not need it.
+        """
+        if dtype is not None:
+            self.base_fingerprint()
+            lowers = next(self.unet.parameters()).dtype == torch.float32 and dtype != torch.float32
+            if lowers and keep_attn2_residual:
+                # Computed before the cast, tensor by tensor, so no full fp32 copy is held anywhere.
+                self.attn2_residual = {k: (v - v.to(dtype).float()).to(device=device, dtype=dtype)
+                                       for k, v in attn2_state(self.unet).items()}
+            elif next(self.unet.parameters()).dtype != dtype:
+                self.attn2_residual = None  # a residual belongs to the cast that made it
+        elif self.attn2_residual is not None:
+            self.attn2_residual = {k: v.to(device) for k, v in self.attn2_residual.items()}
         for name, module in self.modules().items():
-            # The VAE stays in fp32: SDXL's VAE overflows in fp16 (METHOD.md: fp32 or the fp16-fix VAE).
-            module.to(device=device, dtype=None if name == "vae" else dtype)
+            target = vae_dtype(self.vae, dtype) if name == "vae" else dtype
+            # Only a real cast passes a dtype: diffusers warns on any `.to(dtype=...)`.
+            if target is None or next(module.parameters()).dtype == target:
+                module.to(device=device)
+            else:
+                module.to(device=device, dtype=target)
         return self
 
     def base_fingerprint(self) -> str:
@@ -98,6 +126,20 @@ class SDXLParts:
                 digest.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.dtype == torch.bfloat16 else cpu.numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+
+def resolve_dtype(policy: str, device: torch.device | str) -> torch.dtype:
+    """The frozen modules' dtype under a `dtype_policy`: bf16, fp32, or `auto` = bf16 on CUDA, else fp32."""
+    if policy == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[policy]
+
+
+def vae_dtype(vae: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the VAE is held in under a policy of `dtype`: fp32 unless the VAE is safe in half precision."""
+    if dtype is None or getattr(vae.config, "force_upcast", True):
+        return None if dtype is None else torch.float32
+    return dtype
 
 
 def attn2_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -126,9 +168,16 @@ def _load_image_encoder(source: str | None, seed: int) -> CLIPVisionModelWithPro
     if source in (None, TINY):
         return tiny.build_tiny_image_encoder(seed)
     try:
-        return CLIPVisionModelWithProjection.from_pretrained(source)
+        return CLIPVisionModelWithProjection.from_pretrained(source, dtype=torch.float32, local_files_only=_offline())
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the image encoder from {source!r}: {err}") from err
+
+
+def _load_vae(source: str) -> AutoencoderKL:
+    try:
+        return AutoencoderKL.from_pretrained(source, local_files_only=_offline())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the VAE from {source!r}: {err}") from err
 
 
 def load_sdxl(
@@ -143,10 +192,14 @@ def load_sdxl(
     """Load SDXL from 'tiny', a hub id or a local diffusers folder.
 
     `image_encoder` overrides E_I (hub id or folder); by default 'tiny' uses the tiny CLIP vision model
-    and real SDXL uses CLIP ViT-L/14. `vae` overrides the VAE (e.g. 'madebyollin/sdxl-vae-fp16-fix').
+    and real SDXL uses CLIP ViT-L/14. `vae` overrides the VAE (e.g. 'madebyollin/sdxl-vae-fp16-fix', or a
+    local folder). `dtype` is the dtype the frozen modules are held in (see `SDXLParts.to`); a cast to a
+    16-bit dtype keeps the attn2 residual, since every caller that casts here generates with adapters.
     """
     if base_model == TINY:
         parts = _build_tiny(seed, image_encoder)
+        if vae:
+            parts.vae = _load_vae(vae)
     else:
         parts = _load_pretrained(base_model, image_encoder, vae)
     for module in parts.modules().values():
@@ -156,43 +209,23 @@ def load_sdxl(
     # adapters tuned on it in fp32 (a fingerprint of the fp16 copy would refuse every one of them).
     parts.base_fingerprint()
     if device is not None or dtype is not None:
-        parts.to(device or "cpu", dtype)
+        parts.to(device or "cpu", dtype, keep_attn2_residual=True)
     return parts
 
 
 def _build_tiny(seed: int, image_encoder: str | None) -> SDXLParts:
-    tokenizer = tiny.make_tiny_clip_tokenizer()
-    tokenizer_2 = tiny.make_tiny_clip_tokenizer()
-    te1, te2 = tiny.build_tiny_text_encoders(len(tokenizer), seed)
-    torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(**tiny.tiny_unet_config())
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(**tiny.tiny_vae_config())
+    built = tiny.build_sdxl_components(tiny.TINY_CONFIGS, tiny.TINY_IMAGE_ENCODER_CONFIGS, seed=seed)
     return SDXLParts(
         base_model=TINY,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        text_encoder=te1,
-        text_encoder_2=te2,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=sdxl_noise_scheduler(),
-        image_encoder=_load_image_encoder(image_encoder or TINY, seed),
+        tokenizer=built["tokenizer"],
+        tokenizer_2=built["tokenizer_2"],
+        text_encoder=built["text_encoder"],
+        text_encoder_2=built["text_encoder_2"],
+        unet=built["unet"],
+        vae=built["vae"],
+        noise_scheduler=DDPMScheduler.from_config(built["scheduler_config"]),
+        image_encoder=built["image_encoder"] if image_encoder in (None, TINY) else _load_image_encoder(image_encoder, seed),
         default_resolution=tiny.TINY_RESOLUTION,
-    )
-
-
-def sdxl_noise_scheduler() -> DDPMScheduler:
-    """SDXL's training noise schedule (scaled_linear 0.00085..0.012 over 1000 steps, epsilon)."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-        timestep_spacing="leading",
     )
 
 
@@ -204,13 +237,11 @@ def _load_pretrained(source: str, image_encoder: str | None, vae_source: str | N
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
-        te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-        te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs)
+        # Loaded in fp32 whatever the configs' `torch_dtype: float16` says: the dtype policy casts later.
+        te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **kwargs)
+        te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=torch.float32, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-        if vae_source:
-            vae = AutoencoderKL.from_pretrained(vae_source, **kwargs)
-        else:
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        vae = _load_vae(vae_source) if vae_source else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load SDXL from {source!r}: {err}") from err

@@ -7,6 +7,7 @@ tokenize to anything?) live in `check_spec_against_tokenizers`, since the schema
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,40 +23,28 @@ from pydantic import (
     model_validator,
 )
 
+from causalt2i.errors import FieldError, field_error
+from causalt2i.limits import MAX_SEED, MAX_TRAIN_SEED, MAX_TRAIN_STEPS, StrictInput, load_yaml_strictly
+
 STEPS_PER_SUBJECT = 500
+ALPHA_WARMUP_MAX = 300
 MAX_SUBJECTS = 8
 MAX_IMAGES_PER_SUBJECT = 32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """A spec that cannot run. `field` is the dotted path of the offending value ('' for the whole spec)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}" if field else message)
-
-
-def _field_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc)
 
 
 def spec_error_from_validation(err: ValidationError) -> SpecError:
     """Turn pydantic's error list into one SpecError naming the first bad field (others are appended)."""
-    problems = err.errors(include_url=False)
-    first = problems[0]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key (not part of the spec)"
-    if len(problems) > 1:
-        others = ", ".join(_field_path(p["loc"]) for p in problems[1:4])
-        message += f" (also invalid: {others}{', ...' if len(problems) > 4 else ''})"
-    return SpecError(_field_path(first["loc"]), message)
+    found = field_error(err)
+    return found if isinstance(found, SpecError) else SpecError(found.field, found.message)
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+class StrictModel(StrictInput):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class Subject(StrictModel):
@@ -82,11 +71,16 @@ class Subject(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    steps: Annotated[int | None, Field(gt=0, description="optimizer steps; null = 500 per subject")] = None
+    steps: Annotated[int | None, Field(gt=0, le=MAX_TRAIN_STEPS, description="optimizer steps; null = 500 per subject")] = None
     lr: Annotated[float, Field(gt=0, description="learning rate of attn2 and the new token rows")] = 5.0e-5
     mask_lr: Annotated[float, Field(gt=0, description="learning rate of mask logits and beta (METHOD.md: why not 5e-5)")] = 1.0e-2
     aux_lr: Annotated[float, Field(gt=0, description="learning rate of the intervention network")] = 1.0e-4
-    alpha: Annotated[float, Field(ge=0, description="weight of L_cst (Eq. 9)")] = 0.001
+    alpha: Annotated[
+        float | Literal["auto"],
+        Field(description="weight of L_cst (Eq. 9); auto = calibrated over the warm-up so that alpha x ratio has L_cdm's median magnitude (paper IV-G)"),
+    ] = "auto"
+    alpha_scale: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False, description="alpha: auto: multiplies the calibrated alpha (1 = the paper's balance of the two objectives); the axis a search over alpha samples")] = 1.0
+    alpha_warmup: Annotated[int | None, Field(gt=0, le=MAX_TRAIN_STEPS, description="alpha: auto: steps whose L_cdm and ratio set alpha (L_cst does not train meanwhile); null = min(300, 20% of the steps)")] = None
     lambda_attn: Annotated[float, Field(ge=0, description="weight of L_attn (Eq. 11)")] = 1.0
     lambda_text: Annotated[float, Field(ge=0, description="weight of the optional plain-text denoising term")] = 0.0
     cst_form: Literal["shifted", "raw"] = "shifted"
@@ -98,9 +92,22 @@ class TrainConfig(StrictModel):
     lora_alpha: Annotated[float | None, Field(gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha / r; null = r (scale 1)")] = None
     lora_dropout: Annotated[float, Field(ge=0, lt=1, description="dropout on the LoRA branch's input during training (peft's lora_dropout)")] = 0.0
     gradient_checkpointing: bool = False
-    checkpoint_every: Annotated[int, Field(gt=0)] = 100
+    dtype_policy: Annotated[Literal["auto", "fp32", "bf16"], Field(description="bf16: frozen modules in bf16, trainable tensors in fp32 masters, bf16 autocast; fp32: everything fp32; auto = bf16 on CUDA, fp32 on CPU")] = "auto"
+    checkpoint_every: Annotated[int, Field(gt=0, le=MAX_TRAIN_STEPS, description="steps between checkpoints and SaCD/SCaG diagnostics")] = 100
+    log_every: Annotated[int, Field(gt=0, le=MAX_TRAIN_STEPS, description="steps between progress reports; the loss reaches the host once per report")] = 10
+    preview_every: Annotated[int | None, Field(ge=0, le=MAX_TRAIN_STEPS, description="steps between training previews (the joint prompt and each subject's prompt, fixed seed, rendered with the current weights); null = every checkpoint; 0 = off")] = None
     num_canvases: Annotated[int | None, Field(gt=0, le=64, description="K merged training images; null = fewest references of any subject")] = None
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_TRAIN_SEED)] = 0
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_number_or_auto(cls, value: object) -> object:
+        # Checked before the union, so an error names `train.alpha` rather than a union member.
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise ValueError(f"must be a number >= 0 or 'auto', got {value!r}")
+        return float(value)
 
     @field_validator("resolution")
     @classmethod
@@ -166,15 +173,16 @@ class ScoreWeights(StrictModel):
 class SearchConfig(StrictModel):
     num_samples: Annotated[int, Field(ge=1, le=256)] = 8
     max_concurrent: Annotated[int, Field(ge=1, le=64)] = 2
-    alpha: Distribution = Distribution(loguniform=(1.0e-4, 1.0e-2))
+    alpha: Annotated[Distribution | None, Field(description="train.alpha a number: the absolute alpha to sample; null = loguniform 1e-4..1e-2")] = None
+    alpha_scale: Annotated[Distribution | None, Field(description="train.alpha auto: the multiplier of the calibrated alpha to sample (train.alpha_scale); null = loguniform 0.1..10")] = None
     lambda_attn: Distribution = Distribution(uniform=(0.1, 2.0))
     guidance_scale: Distribution = Distribution(choice=[5.0, 7.5, 9.0])
     eval_prompts: Annotated[int, Field(ge=1, le=20)] = 2
-    eval_seeds: Annotated[list[int], Field(min_length=1, max_length=16)] = [0, 1]
+    eval_seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1, max_length=16)] = [0, 1]
     eval_steps: Annotated[int, Field(ge=1, le=200, description="sampling steps when scoring a trial")] = 30
     score: ScoreWeights = ScoreWeights()
     searcher: Literal["auto", "optuna", "random"] = "auto"
-    grace_period: Annotated[int | None, Field(gt=0, description="ASHA: steps before a trial may be stopped; null = a quarter of the steps")] = None
+    grace_period: Annotated[int | None, Field(gt=0, le=MAX_TRAIN_STEPS, description="ASHA: steps before a trial may be stopped; null = a quarter of the steps")] = None
 
     @field_validator("guidance_scale")
     @classmethod
@@ -185,15 +193,58 @@ class SearchConfig(StrictModel):
         return value
 
 
+class CompressOnPublish(StrictModel):
+    """Compress the `full` adapter into a LoRA adapter once the tune succeeds (`causalt2i.compress`, as `ct2i compress`):
+    exactly one of a fixed `rank` or a retained-energy target `energy` per ΔW."""
+
+    rank: Annotated[int | None, Field(ge=1, le=4096, description="fixed rank per tensor (capped at the tensor's full rank)")] = None
+    energy: Annotated[float | None, Field(gt=0.0, le=1.0, description="smallest rank keeping this fraction of each ΔW's Frobenius energy")] = None
+    fidelity_steps: Annotated[int, Field(ge=1, le=200, description="sampling steps of the images whose PSNR and max |Δ| against the full adapter the manifest records")] = 30
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "CompressOnPublish":
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        return self
+
+
+class PublishConfig(StrictModel):
+    """What the control plane publishes besides the tuned adapter."""
+
+    compress: Annotated[CompressOnPublish | None, Field(description="param_mode full only: also publish a compressed LoRA version")] = None
+
+
+class EvaluationConfig(StrictModel):
+    """The evaluation a plain (non-search) tuning gets when it ends (`causalt2i.evaluate`): `prompts` paper-style
+    prompts × `seeds`, scored by CLIP-I, CLIP-T, KID and LPIPS, written as `report.png` and `metrics.json` beside the
+    adapter. A search's trials are scored by `search.eval_*` instead."""
+
+    prompts: Annotated[int, Field(ge=1, le=20)] = 2
+    seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1, max_length=16)] = [0, 1]
+    steps: Annotated[int, Field(ge=1, le=200, description="sampling steps per image")] = 20
+    guidance: Annotated[float, Field(ge=0, le=30)] = 7.5
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct (each gives one image per prompt)")
+        return seeds
+
+
 class TuningSpec(StrictModel):
     tenant: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,40}$")]
     name: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,60}$")]
     base_model: Annotated[str, Field(min_length=1, description="'tiny', a hub id, or a local diffusers folder of SDXL")] = "tiny"
     image_encoder: Annotated[str | None, Field(description="null = the base preset's default E_I; else hub id / folder")] = None
+    vae: Annotated[str | None, Field(min_length=1, description="null = the base's VAE; else hub id / folder, e.g. madebyollin/sdxl-vae-fp16-fix (held in bf16 under the bf16 policy)")] = None
     subjects: Annotated[list[Subject], Field(min_length=1, max_length=MAX_SUBJECTS)]
     train: TrainConfig = TrainConfig()
     resources: Resources = Resources()
     search: SearchConfig | None = None
+    publish: PublishConfig = PublishConfig()
+    evaluation: Annotated[EvaluationConfig | None, Field(description="evaluate the adapter when the tuning ends and publish "
+                                                                      "report.png and metrics.json with it; null = none")] = None
 
     @model_validator(mode="after")
     def _unique_tokens(self) -> "TuningSpec":
@@ -202,11 +253,65 @@ class TuningSpec(StrictModel):
             if subject.token in seen:
                 raise SpecError(f"subjects.{index}.token", f"duplicate token {subject.token!r} (also subjects.{seen[subject.token]}.token)")
             seen[subject.token] = index
+        if self.train.alpha != "auto" and self.train.alpha_scale != 1.0:
+            raise SpecError("train.alpha_scale", f"multiplies the calibrated alpha of alpha: auto; train.alpha is the number {self.train.alpha:g}: scale that number instead")
+        if self.search is not None:
+            self._check_alpha_axis(self.search)
+        if self.publish.compress is not None and self.train.param_mode != "full":
+            raise SpecError("publish.compress", f"compresses a full tune's ΔW into LoRA factors; train.param_mode is {self.train.param_mode!r}, already LoRA: drop publish.compress")
+        warmup = self.train.alpha_warmup
+        if self.train.alpha == "auto" and warmup is not None and warmup >= self.total_steps:
+            raise SpecError("train.alpha_warmup", f"is {warmup} steps, but the run has {self.total_steps}: L_cst would never train; shorten it or give alpha a number")
         return self
+
+    def _check_alpha_axis(self, search: SearchConfig) -> None:
+        # A search over an absolute alpha next to alpha: auto would throw the calibration away, and a range of
+        # absolute values means nothing until the ratio's magnitude on this base is known (it differs by orders
+        # of magnitude between the tiny preset and SDXL); the multiplier does not.
+        if self.train.alpha == "auto" and search.alpha is not None:
+            raise SpecError("search.alpha", "train.alpha is auto: search alpha_scale (a multiplier of the calibrated alpha), or give train.alpha a number")
+        if self.train.alpha != "auto" and search.alpha_scale is not None:
+            raise SpecError("search.alpha_scale", "multiplies the calibrated alpha of alpha: auto; train.alpha is a number: search alpha instead")
+
+    @property
+    def alpha_axis(self) -> tuple[Literal["alpha", "alpha_scale"], "Distribution"]:
+        """The α dimension a search samples: `alpha_scale` under `alpha: auto`, else the absolute `alpha`."""
+        search = self.search or SearchConfig()
+        if self.train.alpha == "auto":
+            return "alpha_scale", search.alpha_scale or Distribution(loguniform=(0.1, 10.0))
+        return "alpha", search.alpha or Distribution(loguniform=(1.0e-4, 1.0e-2))
 
     @property
     def total_steps(self) -> int:
         return self.train.steps or STEPS_PER_SUBJECT * len(self.subjects)
+
+    @property
+    def progress_unit(self) -> Literal["trials", "steps"]:
+        """What a job's progress counts: a search's trials (each trial's own steps are its business), else steps."""
+        return "trials" if self.search is not None else "steps"
+
+    @property
+    def progress_total(self) -> int:
+        """How many `progress_unit`s the job has to do."""
+        return self.search.num_samples if self.search is not None else self.total_steps
+
+    @property
+    def preview_interval(self) -> int:
+        """Steps between training previews: `preview_every`, else `checkpoint_every`; 0 = none."""
+        every = self.train.preview_every
+        return self.train.checkpoint_every if every is None else every
+
+    def preview_prompts(self) -> list[str]:
+        """What a training preview renders: the joint prompt P_{n+1}, then each subject's P_i (one subject: P_1 once)."""
+        joint = self.joint_prompt()
+        return [joint] + [p for p in self.subject_prompts() if p != joint]
+
+    @property
+    def alpha_warmup_steps(self) -> int:
+        """Steps over which `alpha: auto` records L_cdm and the ratio: `alpha_warmup`, else min(300, 20%)."""
+        if self.train.alpha_warmup is not None:
+            return self.train.alpha_warmup
+        return max(1, min(ALPHA_WARMUP_MAX, self.total_steps // 5))
 
     @property
     def tokens(self) -> list[str]:
@@ -237,11 +342,6 @@ def parse_spec(data: object, *, base_dir: str | Path | None = None, check_files:
     try:
         return TuningSpec.model_validate(data, context=context)
     except ValidationError as err:
-        # A SpecError raised inside a model validator arrives wrapped; keep its field.
-        for problem in err.errors(include_url=False):
-            inner = problem.get("ctx", {}).get("error")
-            if isinstance(inner, SpecError):
-                raise inner from None
         raise spec_error_from_validation(err) from None
 
 
@@ -252,9 +352,11 @@ def load_spec(path: str | Path) -> TuningSpec:
     except OSError as err:
         raise SpecError("", f"cannot read spec {path}: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_strictly(text)
     except yaml.YAMLError as err:
         raise SpecError("", f"{path} is not valid YAML: {err}") from None
+    except FieldError as err:
+        raise SpecError(err.field, err.message) from None
     return parse_spec(data, base_dir=path.parent)
 
 

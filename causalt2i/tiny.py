@@ -1,12 +1,33 @@
-"""The `tiny` preset: SDXL-shaped models from small configs with deterministic random weights.
+"""The `tiny` preset: real SDXL component configs with only their sizes shrunk, and random weights.
 
-Everything here is built without downloads, so tests and the demo run offline. The shapes follow SDXL:
-two CLIP text encoders whose penultimate hidden states are concatenated (te1 + te2 = cross-attention
-width), te2's projected pooled embedding, a `text_time` U-Net, a 4-channel VAE, and a CLIP vision
-encoder with projection as E_I.
+The configs live as JSON files in `causalt2i/configs/`, laid out like the hub folders they come from:
+
+- `sdxl-base-1.0/`: the official `stabilityai/stable-diffusion-xl-base-1.0` configs (tokenizers, both text
+  encoders, U-Net, VAE, scheduler, model_index), full size;
+- `clip-vit-large-patch14/`: the vision tower of `openai/clip-vit-large-patch14` (E_I) and its
+  preprocessing;
+- `tiny/`: the same files with widths, depths, layer and head counts and sample sizes shrunk, and nothing
+  else changed (`tests/causalt2i/test_tiny_configs.py` checks that field by field).
+
+So the tiny models carry the fields where the real model's behaviour hides: the text encoders' legacy
+`bos/eos/pad_token_id` 0/2/1 (transformers then pools `text_embeds` at `argmax(input_ids)`), `quick_gelu`
+in te1 and `gelu` in te2, `addition_time_embed_dim` 256, `norm_num_groups` 32, the VAE's
+`scaling_factor` and `force_upcast`, the scheduler's spacing, offset and prediction type.
+
+The tokenizers are CLIP-format BPE tokenizers generated in code (no download): the byte alphabet, one
+merge chain per common word (so test prompts stay short), unused filler entries up to the real
+vocabulary of 49408, `<|startoftext|>` = 49406 and `<|endoftext|>` = 49407, lower-cased, padding as the
+configs say (`tokenizer` with `<|endoftext|>`, `tokenizer_2` with `!`, id 0).
+
+`build_sdxl_components` builds the models from any such folder; under `torch.device("meta")` it builds the
+full-size SDXL without allocating memory (`causalt2i.plan`).
 """
 
 from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -18,14 +39,42 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-TINY_RESOLUTION = 64
-# Words that get their own BPE merges, so prompts in tests and the demo tokenize to a few tokens.
+CONFIG_ROOT = Path(__file__).parent / "configs"
+OFFICIAL_SDXL_CONFIGS = CONFIG_ROOT / "sdxl-base-1.0"
+OFFICIAL_IMAGE_ENCODER_CONFIGS = CONFIG_ROOT / "clip-vit-large-patch14"
+TINY_CONFIGS = CONFIG_ROOT / "tiny"
+TINY_IMAGE_ENCODER_CONFIGS = TINY_CONFIGS / "image_encoder"
+OFFICIAL_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+# Where each component's config sits inside a diffusers-layout folder.
+CONFIG_FILES = {
+    "model_index": "model_index.json",
+    "tokenizer": "tokenizer/tokenizer_config.json",
+    "tokenizer_2": "tokenizer_2/tokenizer_config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+IMAGE_ENCODER_FILES = {"image_encoder": "config.json", "image_processor": "preprocessor_config.json"}
+
+CLIP_VOCAB_SIZE = 49408
+# Words that get their own BPE merges, so prompts in tests, the demo and the evaluation templates
+# tokenize to one token per word.
 _TINY_WORDS = (
-    "a an the and of in on with at by photo picture image painting sketch of "
+    "a an the and of in on with at by photo picture image painting sketch watercolor "
     "cat dog teapot toy person car bear duck robot vase mug shoe ball bird fox owl "
-    "red blue green yellow garden beach street forest kitchen park snow city "
-    "sitting playing standing together next to play plays near"
+    "red blue green yellow garden beach street forest kitchen park snow city desert lawn "
+    "sitting playing standing together next to play plays near wooden table front wall top "
+    "mountain floating water night under stars living room"
 ).split()
+
+
+def read_config(folder: str | Path, component: str) -> dict:
+    """One component's config from a diffusers-layout folder (`CONFIG_FILES`) or an E_I folder."""
+    name = CONFIG_FILES.get(component) or IMAGE_ENCODER_FILES[component]
+    return json.loads((Path(folder) / name).read_text())
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -41,106 +90,112 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def make_tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP-format BPE tokenizer generated in code: byte alphabet, `</w>` forms, and merges for common words."""
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the best-ranked adjacent pair."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, index = min(pairs)
+        if rank > len(ranks):
+            break
+        symbols = symbols[:index] + [symbols[index] + symbols[index + 1]] + symbols[index + 2 :]
+    return symbols
+
+
+@lru_cache(maxsize=1)
+def _tiny_vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     alphabet = list(_bytes_to_unicode().values())
-    vocab_list = alphabet + [ch + "</w>" for ch in alphabet]
-    merges: list[tuple[str, str]] = []
-    known = set(vocab_list)
+    vocab = alphabet + [ch + "</w>" for ch in alphabet]
+    known = set(vocab)
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(_TINY_WORDS):
-        # Merge left to right: ((c1 c2) c3)... ending with the </w> symbol, as CLIP's BPE does.
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for symbol in symbols[1:]:
-            merged = current + symbol
-            if merged not in known:
-                merges.append((current, symbol))
-                vocab_list.append(merged)
-                known.add(merged)
-            current = merged
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(vocab_list)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    tokenizer.model_max_length = 77
+        # Add merges until the word is one symbol under the merges so far (earlier words' merges rank first).
+        while len(symbols := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(ranks)
+            if pair[0] + pair[1] not in known:
+                vocab.append(pair[0] + pair[1])
+                known.add(pair[0] + pair[1])
+    # Unused entries fill the vocabulary to CLIP's size, so the special tokens get their real ids.
+    # No merge produces them, so no text ever tokenizes to one.
+    vocab += [f"<|unused{index}|>" for index in range(CLIP_VOCAB_SIZE - 2 - len(vocab))]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return tuple(vocab), tuple(sorted(ranks, key=ranks.get))
+
+
+def make_clip_tokenizer(config: dict | None = None) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer generated in code with the special tokens, padding and length of `config`
+
+    (a `tokenizer_config.json`; default: SDXL's `tokenizer`)."""
+    config = config or read_config(TINY_CONFIGS, "tokenizer")
+    if not config.get("do_lower_case", True):
+        raise ValueError("the generated CLIP tokenizer always lower-cases, as CLIP's does")
+    vocab, merges = _tiny_vocab_and_merges()
+    tokenizer = CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(vocab)},
+        merges=list(merges),
+        bos_token=_token_text(config.get("bos_token", "<|startoftext|>")),
+        eos_token=_token_text(config.get("eos_token", "<|endoftext|>")),
+        unk_token=_token_text(config.get("unk_token", "<|endoftext|>")),
+        pad_token=_token_text(config.get("pad_token", "<|endoftext|>")),
+    )
+    tokenizer.model_max_length = config.get("model_max_length", 77)
     return tokenizer
 
 
-def _text_config(hidden: int, projection: int, vocab_size: int, seed_layers: int = 2) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=seed_layers,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=projection,
-        hidden_act="gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
+def _token_text(value) -> str:
+    """A special token as a hub `tokenizer_config.json` writes it: a string or an AddedToken mapping."""
+    return value["content"] if isinstance(value, dict) else value
 
 
-TINY_TE1_HIDDEN = 32
-TINY_TE2_HIDDEN = 48
-TINY_TE2_PROJECTION = 48
-TINY_IMAGE_PROJECTION = 32
+def make_tiny_clip_tokenizer() -> CLIPTokenizer:
+    """The tiny preset's `tokenizer` (pads with `<|endoftext|>`); also what the tiny metric CLIP uses."""
+    return make_clip_tokenizer(read_config(TINY_CONFIGS, "tokenizer"))
 
 
-def tiny_unet_config() -> dict:
-    cross = TINY_TE1_HIDDEN + TINY_TE2_HIDDEN
-    return dict(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + TINY_TE2_PROJECTION,
-        cross_attention_dim=cross,
-        norm_num_groups=8,
-    )
+def _model_kwargs(config: dict) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_") and key not in ("architectures", "model_type", "torch_dtype")}
 
 
-def tiny_vae_config() -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.13025,
-    )
+def vision_config(config: dict) -> CLIPVisionConfig:
+    """E_I's config from a vision-only `config.json` or a full CLIP one (as `openai/clip-vit-large-patch14`'s)."""
+    if "vision_config" in config:
+        config = {**config["vision_config"], "projection_dim": config["projection_dim"]}
+    return CLIPVisionConfig(**_model_kwargs(config))
 
 
-def build_tiny_text_encoders(vocab_size: int, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+def build_sdxl_components(sdxl_configs: str | Path, image_encoder_configs: str | Path, *, seed: int = 0) -> dict:
+    """Tokenizers, text encoders, U-Net, VAE, scheduler config and E_I from config folders.
+
+    Weights are random and deterministic by `seed`; under `torch.device("meta")` nothing is allocated.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     torch.manual_seed(seed)
-    te1 = CLIPTextModel(_text_config(TINY_TE1_HIDDEN, TINY_TE1_HIDDEN, vocab_size))
+    te1 = CLIPTextModel(CLIPTextConfig(**_model_kwargs(read_config(sdxl_configs, "text_encoder"))))
     torch.manual_seed(seed + 1)
-    te2 = CLIPTextModelWithProjection(_text_config(TINY_TE2_HIDDEN, TINY_TE2_PROJECTION, vocab_size))
-    return te1, te2
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_model_kwargs(read_config(sdxl_configs, "text_encoder_2"))))
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel.from_config(read_config(sdxl_configs, "unet"))
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL.from_config(read_config(sdxl_configs, "vae"))
+    torch.manual_seed(seed + 4)
+    image_encoder = CLIPVisionModelWithProjection(vision_config(read_config(image_encoder_configs, "image_encoder")))
+    return {
+        "tokenizer": make_clip_tokenizer(read_config(sdxl_configs, "tokenizer")),
+        "tokenizer_2": make_clip_tokenizer(read_config(sdxl_configs, "tokenizer_2")),
+        "text_encoder": te1,
+        "text_encoder_2": te2,
+        "unet": unet,
+        "vae": vae,
+        "scheduler_config": read_config(sdxl_configs, "scheduler"),
+        "image_encoder": image_encoder,
+    }
 
 
 def build_tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    """The tiny E_I alone (the shrunk CLIP ViT-L/14 vision tower)."""
     torch.manual_seed(seed + 4)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=TINY_IMAGE_PROJECTION,
-        hidden_act="gelu",
-    )
-    return CLIPVisionModelWithProjection(config)
+    return CLIPVisionModelWithProjection(vision_config(read_config(TINY_IMAGE_ENCODER_CONFIGS, "image_encoder")))
+
+
+TINY_RESOLUTION = read_config(TINY_CONFIGS, "vae")["sample_size"]

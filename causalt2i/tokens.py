@@ -55,10 +55,9 @@ class IdentifierEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.base(input_ids)
         # slot[b, t] = k if input_ids[b, t] == token_ids[k], else -1
+        # No early return when no row is new: `bool(is_new.any())` would sync the host on every forward.
         matches = input_ids.unsqueeze(-1) == self.token_ids
         is_new = matches.any(-1)
-        if not bool(is_new.any()):
-            return embeds
         slot = matches.to(torch.long).argmax(-1)
         new = self.rows.to(embeds.dtype)[slot]
         return torch.where(is_new.unsqueeze(-1), new, embeds)

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 from causalt2i.models import CLIP_MEAN, CLIP_STD, SDXLParts
 
+IMAGE_PAD_VALUE = 0.5  # canvases: mid-grey
+MAP_PAD_VALUE = 0.0  # SCaG's attention maps: padding is "no attention", not mid-level attention (METHOD.md)
 
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] → padded to square (centred, mid-grey), resized to `size`, CLIP-normalised.
+
+def clip_preprocess(images: torch.Tensor, size: int, pad_value: float = IMAGE_PAD_VALUE) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] → padded to square (centred, with `pad_value`), resized to `size`, CLIP-normalised.
 
     Every op is differentiable, so gradients reach whatever produced `images` (SCaG's attention maps).
     """
@@ -17,7 +20,7 @@ def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     side = max(height, width)
     pad_h, pad_w = side - height, side - width
     if pad_h or pad_w:
-        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.5)
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=pad_value)
     if side != size:
         images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=side > size)
     mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -25,9 +28,9 @@ def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (images - mean) / std
 
 
-def encode_images(parts: SDXLParts, images: torch.Tensor) -> torch.Tensor:
+def encode_images(parts: SDXLParts, images: torch.Tensor, *, pad_value: float = IMAGE_PAD_VALUE) -> torch.Tensor:
     """f = E_I(x): the projected pooled CLIP embedding, [B, d_I]. `images` are [B,3,H,W] in [0,1]."""
     encoder = parts.image_encoder
     dtype = next(encoder.parameters()).dtype
-    pixels = clip_preprocess(images.float(), parts.image_encoder_size).to(dtype)
+    pixels = clip_preprocess(images.float(), parts.image_encoder_size, pad_value).to(dtype)
     return encoder(pixel_values=pixels).image_embeds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from enum import StrEnum
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,24 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-JOB_STATES = ("queued", "admitted", "running", "succeeded", "failed", "cancelled")
+
+
+class JobState(StrEnum):
+    """A tuning job's state; `cluster.states` holds the legal moves between them."""
+
+    queued = "queued"
+    admitted = "admitted"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+JOB_STATES = tuple(state.value for state in JobState)
 KEY_SCOPES = ("tenant", "admin")
 ADAPTER_STATUSES = ("ready", "deleted")
 
@@ -116,7 +134,7 @@ class Job(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "state IN ('queued', 'admitted', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_jobs_state"
+            f"state IN ({', '.join(repr(s) for s in JOB_STATES)})", name="ck_jobs_state"
         ),
         CheckConstraint("attempts >= 0", name="ck_jobs_attempts_nonnegative"),
         Index("ix_jobs_state_created", "state", "created_at"),
@@ -190,6 +208,29 @@ class JobEvent(Base):
     )
 
 
+class WebhookDelivery(Base):
+    """One webhook attempt (migration 0003): delivered, failed (a retry follows) or dead_lettered (the last)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    msg_id: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+    duration_s: Mapped[float] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("outcome IN ('delivered', 'failed', 'dead_lettered')", name="ck_webhook_deliveries_outcome"),
+        Index("ix_webhook_deliveries_tenant", "tenant", "id"),
+    )
+
+
 def _sqlite_file(url: str) -> Path | None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != "sqlite:///:memory:" and not url.startswith("sqlite:///file:"):
@@ -224,7 +265,22 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pool_pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced on checkout
+    # instead of failing the request that drew it. connect_timeout: while the server is unreachable, a request
+    # fails within seconds (503 with Retry-After at the API, see `database_unavailable`) instead of hanging.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+
+
+def database_unavailable(err: BaseException) -> bool:
+    """Whether `err` means the database could not be reached or used just now (a retry later may succeed): the
+    server down or restarting, a dropped connection, SQLite's lock wait timed out. Not a constraint violation,
+    not bad SQL."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(err, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(err, DBAPIError) and bool(err.connection_invalidated)
 
 
 class Database:

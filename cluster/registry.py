@@ -9,6 +9,8 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from causalt2i.adapter_format import AdapterManifest
+
 from cluster.db import Adapter, Tenant
 
 
@@ -21,7 +23,7 @@ def new_adapter_id() -> str:
 
 
 def register_adapter_version(session: Session, *, adapter_id: str, tenant: str, name: str, uri: str, sha256: str,
-                             size_bytes: int, manifest: dict, job_id: str | None, now: float) -> int:
+                             size_bytes: int, manifest: AdapterManifest, job_id: str | None, now: float) -> int:
     """Insert the next version of `tenant/name`; returns its version number. Runs inside the caller's transaction."""
     limit = session.execute(select(Tenant.max_adapters).where(Tenant.name == tenant)).scalar_one()
     count = session.execute(select(func.count()).select_from(Adapter)
@@ -35,8 +37,8 @@ def register_adapter_version(session: Session, *, adapter_id: str, tenant: str, 
             with session.begin_nested():
                 session.execute(insert(Adapter).values(
                     id=adapter_id, tenant=tenant, name=name, version=version, uri=uri, sha256=sha256, bytes=size_bytes,
-                    base_model=str(manifest.get("base_model", "")), base_fingerprint=str(manifest.get("base_fingerprint", "")),
-                    param_mode=str(manifest.get("param_mode", "")), metrics_json=json.dumps(manifest.get("metrics") or {}),
+                    base_model=manifest.base_model, base_fingerprint=manifest.base_fingerprint,
+                    param_mode=manifest.param_mode, metrics_json=json.dumps(manifest.metrics or {}),
                     status="ready", job_id=job_id, created_at=now))
             return version
         except IntegrityError:

@@ -1,36 +1,253 @@
-"""Running an admitted job: the `Runner` interface, the run body `execute_attempt`, and `RayTaskRunner`.
+"""Running an admitted job: the `TrainFn` seam, the attempt's context, the run body `execute_attempt`, and the
+runners that launch it (`RayTaskRunner`, `InlineRunner`; `tune.runner` adds the Ray Train one).
 
 A run owns its job row only while `state = 'running' AND attempts = <its attempt>` holds: every write it
-makes (progress, heartbeat, the final state) is conditional on that, so a run that was given up on (its
-heartbeat went stale, the job was requeued and relaunched, or it was cancelled) cannot write anything.
-It learns that it lost the row from its heartbeat and stops through the trainer's `should_stop`.
+makes (progress, heartbeat, the final state) goes through its `ProgressSink` and is conditional on that, so a
+run that was given up on (its heartbeat went stale, the job was requeued and relaunched, or it was cancelled)
+cannot write anything. It learns that it lost the row from its heartbeat and stops (`AttemptContext.cancelled`).
 
-The adapter is published to the store first and registered in the same transaction that marks the job
-succeeded; if that transaction loses, the published files are deleted again. So each job ends with at
-most one registered adapter version, however often it was retried.
+The adapter is verified with the adapter format's own check (`causalt2i.adapter_format.verify_adapter`, no
+torch), published to the store, and registered in the same transaction that marks the job succeeded; if
+that transaction loses, the published files are deleted again. So each job ends with at most one registered
+adapter version, however often it was retried — two with `publish.compress`: a `full` tune is then compressed
+into a LoRA adapter (`causalt2i.compress`, the code of `ct2i compress`) before anything is published, and both
+versions are registered in that one transaction, the compressed one next after the full one (same name), its
+ranks, retained energy and image fidelity in its manifest. The compression runs here, in the attempt's process,
+not in the control plane's: it needs torch, the base model and a device, which is what the run's process has (a
+Ray task holding the job's GPUs; `InlineRunner` is the one-box case where training, too, runs in-process),
+while the control plane only schedules and serves the API. Under the Ray Train runner (`tune.runner`) this
+process is the driver task, which holds no GPU: there the compression and its fidelity images run on the
+driver node's CPU, slow at SDXL size (not measured here; lower `fidelity_steps` to shorten it). A
+compression that fails fails the job: the spec asked for both versions.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import select, update
 
-from causalt2i.spec import parse_spec
+from causalt2i.adapter_format import AdapterManifest, verify_adapter
+from causalt2i.callbacks import StepInfo
+from causalt2i.spec import TuningSpec
 from cluster.config import ControlPlaneSettings
-from cluster.db import Job
+from cluster.db import Job, JobState
 from cluster.registry import AdapterQuotaExceeded, new_adapter_id, register_adapter_version
+from cluster.quotas import budget_spent_reason, charge_attempt
 from cluster.service import INPUTS, ControlPlane
 from cluster.states import add_event, end_attempt, transition
 
-TrainFn = Callable[..., Any]
+if TYPE_CHECKING:
+    from causalt2i.trainer import TrainResult
+
+
+class ProgressSink:
+    """The attempt's fenced line to its job row: progress, checkpoints, diagnostics, heartbeats and resumes.
+
+    It implements the trainer's callback protocol (`causalt2i.callbacks.TrainerCallback`), so the in-process
+    trainer takes it as a callback, and it pickles (settings and ids only; the database handle is reopened
+    where it lands), so a Ray Train controller or a Tune callback on another process writes through a copy.
+    Each copy learns on its own that the row was lost (a fenced write matched nothing) and says so through
+    `should_stop`.
+    """
+
+    def __init__(self, settings: ControlPlaneSettings, job_id: str, tenant: str, attempt: int,
+                 unit: Literal["steps", "trials"] = "steps", clock: Callable[[], float] = time.time):
+        self.settings, self.job_id, self.tenant, self.attempt = settings, job_id, tenant, attempt
+        self.unit = unit
+        self.clock = clock
+        self._lost = threading.Event()
+        # Set once a write finds the tenant's GPU-hour budget used up: the run stops (leaving a checkpoint, which this
+        # sink still records) and the runner ends the attempt with this reason.
+        self.budget_spent: str | None = None
+        self._last_write = float("-inf")
+        self._plane: ControlPlane | None = None
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "job_id": self.job_id, "tenant": self.tenant, "attempt": self.attempt,
+                "unit": self.unit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def plane(self) -> ControlPlane:
+        if self._plane is None:
+            self._plane = ControlPlane.open(self.settings)
+        return self._plane
+
+    def _fenced(self, session) -> Any:
+        return update(Job).where(Job.id == self.job_id, Job.state == JobState.running, Job.attempts == self.attempt)
+
+    def _write(self, values: dict, event: dict | None = None) -> bool:
+        """One fenced write; it also charges the attempt's GPU time up to now and checks the tenant's budget."""
+        with self.plane.db.write() as session:
+            row = session.execute(self._fenced(session).values(**values)
+                                  .returning(Job.started_at, Job.demand_gpus)).first()
+            if row is None:
+                self._lost.set()
+                return False
+            now = values.get("heartbeat_at")
+            if now is not None and row.started_at is not None:
+                charge_attempt(session, tenant=self.tenant, job_id=self.job_id, attempt=self.attempt, gpus=row.demand_gpus,
+                               started_at=row.started_at, until=now)
+                reason = budget_spent_reason(session, self.tenant, now)
+                if reason is not None:
+                    self.budget_spent = reason
+            if event is not None:
+                add_event(session, job_id=self.job_id, tenant=self.tenant, **event)
+            return True
+
+    def heartbeat(self) -> None:
+        self._write({"heartbeat_at": self.clock()})
+
+    def on_step(self, info: StepInfo) -> None:
+        """A training step. It is the job's progress only where the job counts steps: in a search a trial's
+        steps never reach the row (whatever order they arrive in), only `on_trials` does."""
+        if self.unit == "steps":
+            self._progress(info)
+
+    def on_trials(self, ended: int, total: int, loss: float) -> None:
+        """`ended` of a search's `total` trials have ended (finished, stopped early or failed)."""
+        if self.unit == "trials":
+            self._progress(StepInfo(step=ended, total_steps=total, loss=loss, terms={}, seconds_per_step=0.0, eta_seconds=0.0))
+
+    def _progress(self, info: StepInfo) -> None:
+        now = self.clock()
+        last = info.step >= info.total_steps
+        if not last and now - self._last_write < self.settings.scheduler.progress_write_seconds:
+            return
+        self._last_write = now
+        self._write({"progress_step": info.step, "progress_total": info.total_steps, "progress_loss": float(info.loss),
+                     "progress_eta_s": float(info.eta_seconds), "heartbeat_at": now, "updated_at": now,
+                     "progress_terms_json": _json({k: float(v) for k, v in dict(info.terms).items()})})
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        now = self.clock()
+        self._write({"checkpoint_step": step, "heartbeat_at": now},
+                    {"at": now, "kind": "log", "message": f"checkpoint at step {step}",
+                     "data": {"step": step, "attempt": self.attempt}})
+
+    def on_preview(self, step: int, folder: Path) -> None:
+        """A training preview (`causalt2i.preview`): published to the store under the job
+        (`jobs/<job>/previews/step-NNNNNN`, what `GET /v1/tunings/{id}/previews` lists) and announced as a log
+        event, so the job's event stream carries it. A retried attempt renders the same bytes at the same step,
+        so an already published step is kept as it is."""
+        from causalt2i.preview import PREVIEW_FILE
+
+        if not (Path(folder) / PREVIEW_FILE).is_file():
+            return
+        try:
+            self.plane.store.publish_dir(self.tenant, ("jobs", self.job_id, "previews", Path(folder).name), Path(folder))
+        except FileExistsError:
+            pass
+        now = self.clock()
+        self._write({"heartbeat_at": now}, {"at": now, "kind": "log", "message": f"preview at step {step}",
+                                            "data": {"step": step, "attempt": self.attempt, "preview": Path(folder).name}})
+
+    def on_diagnostics(self, step: int, diagnostics: dict) -> None:
+        """METHOD.md's diagnostics (mask spreads, γ̃ entropies) at a checkpoint, as a log event of the job."""
+        values = {k: v for k, v in ((k, _numbers(v)) for k, v in diagnostics.items()) if v is not None}
+        now = self.clock()
+        self._write({"heartbeat_at": now}, {"at": now, "kind": "log", "message": f"diagnostics at step {step}",
+                                            "data": {"step": step, "attempt": self.attempt, "diagnostics": values}})
+
+    def record_resume(self, step: int) -> None:
+        """A restarted worker group picked the run up at `step`."""
+        now = self.clock()
+        self._write({"heartbeat_at": now}, {"at": now, "kind": "log",
+                                            "message": f"workers restarted; resumed from the checkpoint at step {step}",
+                                            "data": {"resumed_from": step, "attempt": self.attempt}})
+
+    def should_stop(self) -> bool:
+        return self._lost.is_set() or self.budget_spent is not None
+
+
+def _numbers(value):
+    """A diagnostic as JSON numbers: a number, a list of numbers (per subject) or a mapping of them (per term);
+    anything else (None before α is calibrated) is None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    if isinstance(value, dict):
+        kept = {str(k): _numbers(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if isinstance(v, float)} or None
+    return None
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+@dataclass(frozen=True)
+class AttemptContext:
+    """What a train function gets besides the spec and its folder. It pickles."""
+
+    job_id: str
+    tenant: str
+    attempt: int
+    settings: ControlPlaneSettings
+    progress: ProgressSink
+
+    def cancelled(self) -> bool:
+        """True once the job was cancelled or this attempt lost its row: stop, leaving a checkpoint."""
+        return self.progress.should_stop()
+
+    @property
+    def run_name(self) -> str:
+        """`<tenant>--<job>`: a retried attempt finds the same run (and its checkpoints) under this name."""
+        return f"{self.tenant}--{self.job_id}"
+
+
+class TrainFn(Protocol):
+    """Train `spec` in `run_dir` (resuming what is there), reporting through `ctx.progress` and stopping when
+    `ctx.cancelled()`. Returns the trainer's result; `adapter_dir` is None when it stopped early."""
+
+    def __call__(self, spec: TuningSpec, run_dir: Path, ctx: AttemptContext) -> "TrainResult": ...
+
+
+class CompressFn(Protocol):
+    """Compress the full adapter in `adapter_dir` into a LoRA adapter in `out_dir` as `spec.publish.compress` says;
+    `spec` is resolved (its base a source this node can load)."""
+
+    def __call__(self, spec: TuningSpec, adapter_dir: Path, out_dir: Path) -> None: ...
+
+
+def local_compress_fn(spec: TuningSpec, adapter_dir: Path, out_dir: Path) -> None:
+    """`causalt2i.compress.compress_adapter` in this process, on the base the tune ran on (fp32, on the run's device)."""
+    from causalt2i.compress import FidelityConfig, compress_adapter
+    from causalt2i.generation import Generator
+    from causalt2i.models import load_sdxl
+    from causalt2i.trainer import default_device
+
+    options = spec.publish.compress
+    generator = Generator(load_sdxl(spec.base_model, image_encoder=spec.image_encoder, vae=spec.vae, device=default_device()))
+    compress_adapter(adapter_dir, out_dir, rank=options.rank, energy=options.energy, generator=generator,
+                     fidelity=FidelityConfig(steps=options.fidelity_steps))
+
+
+def local_train_fn(spec: TuningSpec, run_dir: Path, ctx: AttemptContext) -> "TrainResult":
+    """The method-core trainer in this process, the attempt's sink as its callback; then, when the spec asks for it,
+    the adapter's evaluation (`cluster.evaluation`), written beside it so that it is published with it."""
+    from causalt2i.trainer import train
+    from cluster.evaluation import evaluate_into
+
+    result = train(spec, run_dir, resume=True, callbacks=[ctx.progress])
+    if result.adapter_dir is not None and not result.stopped_early and spec.search is None:
+        evaluate_into(spec, Path(result.adapter_dir), ctx.settings.metrics)
+    return result
 
 
 @dataclass(frozen=True)
@@ -39,12 +256,14 @@ class LaunchRequest:
     tenant: str
     attempt: int
     demand_gpus: float
-    gpus_per_worker: float
+    spec: TuningSpec
 
 
 class Runner(Protocol):
     """How admitted jobs are launched. The scheduler holds the handles it returns, but never trusts them for
     outcomes: a run writes its own result to the database."""
+
+    kind: str
 
     def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any: ...
 
@@ -61,190 +280,222 @@ def run_dir_for(plane: ControlPlane, tenant: str, job_id: str) -> Path:
     return plane.settings.work_dir / tenant / job_id / "run"
 
 
-class _RunCallbacks:
-    """Trainer callbacks that write progress into the job row, fenced by attempt."""
-
-    def __init__(self, plane: ControlPlane, job_id: str, tenant: str, attempt: int):
-        self.plane, self.job_id, self.tenant, self.attempt = plane, job_id, tenant, attempt
-        self.lost = threading.Event()
-        self._last_write = 0.0
-
-    def _fenced_update(self, **values) -> bool:
-        with self.plane.db.write() as session:
-            result = session.execute(update(Job).where(Job.id == self.job_id, Job.state == "running",
-                                                       Job.attempts == self.attempt).values(**values))
-            if result.rowcount != 1:
-                self.lost.set()
-                return False
-            return True
-
-    def heartbeat(self) -> None:
-        self._fenced_update(heartbeat_at=time.time())
-
-    def on_step(self, info) -> None:
-        now = time.time()
-        last = info.step >= info.total_steps
-        if not last and now - self._last_write < self.plane.settings.progress_write_seconds:
-            return
-        self._last_write = now
-        self._fenced_update(progress_step=info.step, progress_total=info.total_steps, progress_loss=float(info.loss),
-                            progress_eta_s=float(info.eta_seconds), heartbeat_at=now, updated_at=now,
-                            progress_terms_json=json.dumps({k: float(v) for k, v in dict(info.terms).items()}))
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        now = time.time()
-        with self.plane.db.write() as session:
-            result = session.execute(update(Job).where(Job.id == self.job_id, Job.state == "running",
-                                                       Job.attempts == self.attempt).values(checkpoint_step=step, heartbeat_at=now))
-            if result.rowcount == 1:
-                add_event(session, job_id=self.job_id, tenant=self.tenant, at=now, kind="log",
-                          message=f"checkpoint at step {step}", data={"step": step, "attempt": self.attempt})
-            else:
-                self.lost.set()
-
-    def should_stop(self) -> bool:
-        return self.lost.is_set()
-
-
-def _heartbeat_loop(callbacks: _RunCallbacks, stop: threading.Event, every: float) -> None:
+def _heartbeat_loop(sink: ProgressSink, stop: threading.Event, every: float) -> None:
     while not stop.wait(every):
         try:
-            callbacks.heartbeat()
+            sink.heartbeat()
         except Exception:  # a database blip: the next beat retries; the lease is several beats long
             pass
 
 
-def _read_adapter_manifest(adapter_dir: Path, tenant: str, name: str) -> dict:
-    """The adapter's manifest, checked the way `causalt2i.adapter.verify_adapter` does (tensor sha256 against the
-    manifest) but without importing torch into the control plane."""
-    from causalt2i.atomic import sha256_file
-
-    manifest = json.loads((adapter_dir / "manifest.json").read_text())
-    if not isinstance(manifest, dict) or not manifest.get("tensors_sha256"):
-        raise ValueError("manifest.json has no tensors_sha256")
-    if sha256_file(adapter_dir / "adapter.safetensors") != manifest["tensors_sha256"]:
-        raise ValueError("adapter.safetensors does not match its manifest's tensors_sha256")
-    if manifest.get("tenant", tenant) != tenant or manifest.get("name", name) != name:
-        raise ValueError(f"manifest names {manifest.get('tenant')}/{manifest.get('name')}, the job is {tenant}/{name}")
+def checked_manifest(adapter_dir: Path, tenant: str, name: str) -> AdapterManifest:
+    """The adapter's manifest, verified by the format's own check (schema, tensor sha256), and that it is this job's."""
+    manifest = verify_adapter(adapter_dir)
+    if (manifest.tenant, manifest.name) != (tenant, name):
+        raise ValueError(f"manifest names {manifest.tenant}/{manifest.name}, the job is {tenant}/{name}")
     return manifest
 
 
-def default_train_fn() -> TrainFn:
-    from causalt2i.trainer import train
-
-    return train
+def resolved_spec(settings: ControlPlaneSettings, spec: TuningSpec) -> TuningSpec:
+    """The spec as it runs here: the catalog names of its base and image encoder replaced by their sources."""
+    if spec.base_model not in settings.base_models:
+        raise ValueError(f"base_model: {spec.base_model!r} is no longer offered here (offered: {', '.join(sorted(settings.base_models))})")
+    update_fields: dict = {"base_model": settings.base_models[spec.base_model]}
+    if spec.image_encoder is not None:
+        if spec.image_encoder not in settings.image_encoders:
+            raise ValueError(f"image_encoder: {spec.image_encoder!r} is no longer offered here")
+        update_fields["image_encoder"] = settings.image_encoders[spec.image_encoder]
+    return spec.model_copy(update=update_fields)
 
 
 def execute_attempt(settings: ControlPlaneSettings, job_id: str, attempt: int, *, train_fn: TrainFn | None = None,
-                    device: str | None = None) -> str:
+                    clock: Callable[[], float] = time.time) -> str:
     """Run attempt `attempt` of `job_id` to its end. Returns the state it left the job in ('fenced' if it never owned it)."""
     plane = ControlPlane.open(settings)
     with plane.db.write() as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
-        if job is None or not transition(session, job_id, expected="admitted", to="running", now=time.time(), attempt=attempt,
-                                         message=f"attempt {attempt} started"):
+        if job is None or not transition(session, job_id, expected=JobState.admitted, to=JobState.running, now=clock(),
+                                         attempt=attempt, message=f"attempt {attempt} started"):
             return "fenced"
-        tenant, spec_data = job.tenant, json.loads(job.spec_json)
-    callbacks = _RunCallbacks(plane, job_id, tenant, attempt)
+        tenant, spec = job.tenant, TuningSpec.model_validate_json(job.spec_json)
+    sink = ProgressSink(settings, job_id, tenant, attempt, unit=spec.progress_unit, clock=clock)
+    ctx = AttemptContext(job_id=job_id, tenant=tenant, attempt=attempt, settings=settings, progress=sink)
     stop_beats = threading.Event()
-    beats = threading.Thread(target=_heartbeat_loop, args=(callbacks, stop_beats, settings.heartbeat_seconds), daemon=True)
+    beats = threading.Thread(target=_heartbeat_loop, args=(sink, stop_beats, settings.scheduler.heartbeat_seconds), daemon=True)
     beats.start()
     try:
-        return _train_and_publish(plane, callbacks, spec_data, train_fn or default_train_fn(), device)
+        return _train_and_publish(plane, ctx, spec, train_fn or local_train_fn, clock)
     finally:
         stop_beats.set()
         beats.join(5)
+        _remove_if_deleted(plane, tenant, job_id)
 
 
-def _end(plane: ControlPlane, callbacks: _RunCallbacks, to: str, message: str = "", **fields) -> bool:
+def _remove_if_deleted(plane: ControlPlane, tenant: str, job_id: str) -> None:
+    """A job deleted while this attempt ran: remove its folder again, with what the run wrote into it meanwhile (the
+    checkpoint of its stop), so nothing of a deleted job stays in the store."""
+    with plane.db.read() as session:
+        if session.execute(select(Job.id).where(Job.id == job_id)).first() is not None:
+            return
+    plane.store.delete(tenant, "jobs", job_id)
+    import shutil
+
+    shutil.rmtree(plane.settings.work_dir / tenant / job_id, ignore_errors=True)
+
+
+def _end(plane: ControlPlane, ctx: AttemptContext, to: JobState, clock, message: str = "", **fields) -> bool:
     with plane.db.write() as session:
-        job = session.execute(select(Job).where(Job.id == callbacks.job_id)).scalar_one()
-        if job.attempts != callbacks.attempt:
+        job = session.execute(select(Job).where(Job.id == ctx.job_id)).scalar_one_or_none()
+        if job is None or job.attempts != ctx.attempt:  # deleted, or relaunched
             return False
-        return end_attempt(session, job, to=to, now=time.time(), half_life_s=plane.settings.fair_share_half_life_s,
+        return end_attempt(session, job, to=to, now=clock(), half_life_s=plane.settings.scheduler.fair_share_half_life_s,
                            message=message, **fields)
 
 
-def _train_and_publish(plane: ControlPlane, callbacks: _RunCallbacks, spec_data: dict, train_fn: TrainFn,
-                       device: str | None) -> str:
-    tenant, job_id = callbacks.tenant, callbacks.job_id
+def _train_and_publish(plane: ControlPlane, ctx: AttemptContext, spec: TuningSpec, train_fn: TrainFn, clock,
+                       compress_fn: CompressFn = local_compress_fn) -> str:
+    tenant, job_id = ctx.tenant, ctx.job_id
     run_dir = run_dir_for(plane, tenant, job_id)
     try:
         inputs = run_dir.parent / "inputs-verified"
-        plane.store.fetch_dir(tenant, ("jobs", job_id, INPUTS), inputs)
-        for subject in spec_data["subjects"]:
-            subject["images"] = [str(inputs / name) for name in subject["images"]]
-        spec = parse_spec(spec_data, check_files=True)
-        result = train_fn(spec, run_dir / "trainer", resume=True, callbacks=[callbacks], device=device)
+        plane.store.fetch_dir(tenant, ("jobs", job_id, INPUTS), inputs)  # every file sha256-checked
+        local = spec.model_copy(update={"subjects": [
+            subject.model_copy(update={"images": [str(inputs / name) for name in subject.images]}) for subject in spec.subjects]})
+        result = train_fn(resolved_spec(plane.settings, local), run_dir / "trainer", ctx)
     except Exception as err:
         detail = f"{type(err).__name__}: {err}"
-        _end(plane, callbacks, "failed", message="training failed", error=detail[:4000])
+        _end(plane, ctx, JobState.failed, clock, message="training failed", error=detail[:4000])
         traceback.print_exc()
         return "failed"
     if result.stopped_early or result.adapter_dir is None:
-        return "stopped"  # cancelled or fenced off: whoever ended the attempt already wrote the row
+        return _after_early_stop(plane, ctx, result, clock)
 
     adapter_dir = Path(result.adapter_dir)
     try:
-        manifest = _read_adapter_manifest(adapter_dir, tenant, spec.name)
+        manifest = checked_manifest(adapter_dir, tenant, spec.name)
     except Exception as err:
-        _end(plane, callbacks, "failed", message="adapter failed verification", error=f"{type(err).__name__}: {err}")
+        _end(plane, ctx, JobState.failed, clock, message="adapter failed verification", error=f"{type(err).__name__}: {err}")
         return "failed"
+    compressed = None  # (directory, manifest) of the compressed version, when the spec asks for one
+    if spec.publish.compress is not None and manifest.param_mode == "full":
+        compressed_dir = run_dir / "compressed"
+        shutil.rmtree(compressed_dir, ignore_errors=True)  # an earlier attempt's
+        try:
+            compress_fn(resolved_spec(plane.settings, spec), adapter_dir, compressed_dir)
+            compressed = compressed_dir, checked_manifest(compressed_dir, tenant, spec.name)
+        except Exception as err:
+            _end(plane, ctx, JobState.failed, clock, message="compression failed", error=f"{type(err).__name__}: {err}"[:4000])
+            traceback.print_exc()
+            return "failed"
     adapter_id = new_adapter_id()
     published = plane.store.publish_dir(tenant, ("adapters", adapter_id), adapter_dir)
     weights = published.files.get("adapter.safetensors", {})
+    ids = [adapter_id]
+    if compressed is not None:
+        compressed_id = new_adapter_id()
+        ids.append(compressed_id)
+        compressed_published = plane.store.publish_dir(tenant, ("adapters", compressed_id), compressed[0])
     try:
         with plane.db.write() as session:
             job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
-            now = time.time()
-            if job.attempts != callbacks.attempt or not end_attempt(
-                    session, job, to="succeeded", now=now, half_life_s=plane.settings.fair_share_half_life_s,
+            now = clock()
+            if job.attempts != ctx.attempt or not end_attempt(
+                    session, job, to=JobState.succeeded, now=now, half_life_s=plane.settings.scheduler.fair_share_half_life_s,
                     message=f"adapter {adapter_id} registered", adapter_id=adapter_id,
-                    progress_step=result.step, progress_total=result.total_steps, progress_eta_s=0.0):
+                    progress_step=spec.progress_total, progress_total=spec.progress_total, progress_eta_s=0.0):
                 raise _LostRow
+            # The registry names the base as the tenant did (its catalog name), never the server's path to it.
+            record = manifest.model_copy(update={"base_model": spec.base_model})
             version = register_adapter_version(
                 session, adapter_id=adapter_id, tenant=tenant, name=job.name, uri=published.uri,
-                sha256=weights.get("sha256", ""), size_bytes=published.total_bytes, manifest=manifest, job_id=job_id, now=now)
+                sha256=weights.get("sha256", ""), size_bytes=published.total_bytes, manifest=record, job_id=job_id, now=now)
             add_event(session, job_id=job_id, tenant=tenant, at=now, kind="log",
                       message=f"adapter {job.name} v{version} ({adapter_id})", data={"adapter_id": adapter_id, "version": version})
+            if compressed is not None:
+                small = compressed[1]
+                record = small.model_copy(update={"base_model": spec.base_model})
+                small_version = register_adapter_version(
+                    session, adapter_id=compressed_id, tenant=tenant, name=job.name, uri=compressed_published.uri,
+                    sha256=compressed_published.files.get("adapter.safetensors", {}).get("sha256", ""),
+                    size_bytes=compressed_published.total_bytes, manifest=record, job_id=job_id, now=now)
+                fidelity = small.compressed_from.fidelity if small.compressed_from is not None else None
+                add_event(session, job_id=job_id, tenant=tenant, at=now, kind="log",
+                          message=f"adapter {job.name} v{small_version} ({compressed_id}): v{version} compressed to LoRA, "
+                                  f"{small.tensors_bytes} of {manifest.tensors_bytes} bytes"
+                                  + ("" if fidelity is None else ", images identical" if fidelity.psnr_db is None
+                                     else f", image PSNR {fidelity.psnr_db:.1f} dB"),
+                          data={"adapter_id": compressed_id, "version": small_version, "compressed_from": adapter_id})
     except _LostRow:
-        plane.store.delete(tenant, "adapters", adapter_id)
+        for published_id in ids:
+            plane.store.delete(tenant, "adapters", published_id)
         return "fenced"
     except AdapterQuotaExceeded as err:
-        plane.store.delete(tenant, "adapters", adapter_id)
-        _end(plane, callbacks, "failed", message="adapter quota exceeded", error=str(err))
+        for published_id in ids:
+            plane.store.delete(tenant, "adapters", published_id)
+        _end(plane, ctx, JobState.failed, clock, message="adapter quota exceeded", error=str(err))
         return "failed"
     return "succeeded"
+
+
+def _after_early_stop(plane: ControlPlane, ctx: AttemptContext, result: "TrainResult", clock) -> str:
+    """The run stopped before its end. If the tenant's GPU-hour budget is spent (whichever copy of the sink saw it,
+    or the database says so now), the attempt ends `failed` with that reason; the trainer left its checkpoint.
+    Otherwise it was cancelled, deleted or fenced off, and whoever ended the attempt already wrote the row."""
+    with plane.db.read() as session:
+        job = session.execute(select(Job).where(Job.id == ctx.job_id)).scalar_one_or_none()
+        if job is None:  # deleted; execute_attempt removes its folder
+            return "stopped"
+        mine = job.state == JobState.running and job.attempts == ctx.attempt
+        reason = ctx.progress.budget_spent or (budget_spent_reason(session, ctx.tenant, clock()) if mine else None)
+    if mine and reason is not None:
+        with plane.db.read() as session:
+            checkpoint = session.execute(select(Job.checkpoint_step).where(Job.id == ctx.job_id)).scalar_one_or_none()
+        kept = f"checkpoint at step {checkpoint}" if checkpoint is not None else "no checkpoint yet"
+        if _end(plane, ctx, JobState.failed, clock, message="GPU-hour budget spent",
+                error=f"{reason}; stopped at step {result.step} of {result.total_steps} ({kept})"):
+            return "failed"
+    return "stopped"
 
 
 class _LostRow(Exception):
     pass
 
 
-def _run_attempt_task(settings_json: dict, job_id: str, attempt: int, train_fn: TrainFn | None) -> str:
-    return execute_attempt(ControlPlaneSettings(**settings_json), job_id, attempt, train_fn=train_fn)
+def _run_attempt_task(settings: ControlPlaneSettings, job_id: str, attempt: int, train_fn: TrainFn | None) -> str:
+    return execute_attempt(settings, job_id, attempt, train_fn=train_fn)
 
 
 class RayTaskRunner:
-    """Runs `execute_attempt` (the method-core trainer) as one Ray task per attempt."""
+    """Runs `execute_attempt` as one Ray task per attempt; `train_fn` defaults to the in-process trainer."""
 
     def __init__(self, train_fn: TrainFn | None = None, num_cpus: float = 1.0, hold_gpus: bool = True,
-                 task_name: str = "ct2i-run"):
+                 task_name: str = "ct2i-run", kind: str = "ray_task", beside_scheduler: bool = False):
         """`hold_gpus=False` (with `num_cpus=0`) when `train_fn` starts its own workers that hold the resources,
-        as a Ray Train driver does."""
+        as a Ray Train driver does. `beside_scheduler` runs each attempt task on the node of the process that
+        launches it (the scheduler's: the head on KubeRay): a task that holds no resources would otherwise land
+        on whichever node Ray's spread threshold picks, often a worker node full of training, whose loss then
+        takes the run's driver with it instead of only its workers (which Ray Train restarts elsewhere)."""
         self.train_fn = train_fn
         self.num_cpus = num_cpus
         self.hold_gpus = hold_gpus
         self.task_name = task_name
+        self.kind = kind
+        self.beside_scheduler = beside_scheduler
 
     def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any:
         import ray
 
         has_gpus = self.hold_gpus and ray.cluster_resources().get("GPU", 0) > 0
+        placement = {}
+        if self.beside_scheduler:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # Soft: should this node be gone, the scheduler is too, and its successor launches again.
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         task = ray.remote(_run_attempt_task).options(
-            num_cpus=self.num_cpus, num_gpus=request.gpus_per_worker if has_gpus else 0, max_retries=0,
-            name=f"{self.task_name}:{request.tenant}/{request.job_id}#{request.attempt}")
-        return task.remote(settings.model_dump(mode="json"), request.job_id, request.attempt, self.train_fn)
+            num_cpus=self.num_cpus, num_gpus=request.spec.resources.gpus_per_worker if has_gpus else 0, max_retries=0,
+            name=f"{self.task_name}:{request.tenant}/{request.job_id}#{request.attempt}", **placement)
+        return task.remote(settings, request.job_id, request.attempt, self.train_fn)
 
     def poll(self, handle: Any) -> str | None:
         import ray
@@ -269,30 +520,39 @@ class RayTaskRunner:
             pass
 
 
+@dataclass
+class _InlineRun:
+    thread: threading.Thread
+    outcome: dict = field(default_factory=dict)
+
+
 class InlineRunner:
     """Runs `execute_attempt` in a thread of this process: the scheduler's tests without Ray, and one-box use."""
 
-    def __init__(self, train_fn: TrainFn | None = None):
-        self.train_fn = train_fn
+    kind = "inline"
 
-    def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any:
-        outcome: dict = {}
+    def __init__(self, train_fn: TrainFn | None = None, clock: Callable[[], float] = time.time):
+        self.train_fn = train_fn
+        self.clock = clock
+
+    def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> _InlineRun:
+        run = _InlineRun(threading.Thread(daemon=True, name=f"ct2i-run-{request.job_id}", target=lambda: None))
 
         def body():
             try:
-                outcome["state"] = execute_attempt(settings, request.job_id, request.attempt, train_fn=self.train_fn)
+                run.outcome["state"] = execute_attempt(settings, request.job_id, request.attempt, train_fn=self.train_fn,
+                                                       clock=self.clock)
             except BaseException as err:
-                outcome["error"] = f"{type(err).__name__}: {err}"
+                run.outcome["error"] = f"{type(err).__name__}: {err}"
 
-        thread = threading.Thread(target=body, daemon=True, name=f"ct2i-run-{request.job_id}")
-        thread.start()
-        return thread, outcome
+        run.thread = threading.Thread(target=body, daemon=True, name=f"ct2i-run-{request.job_id}")
+        run.thread.start()
+        return run
 
-    def poll(self, handle: Any) -> str | None:
-        thread, outcome = handle
-        if thread.is_alive():
+    def poll(self, handle: _InlineRun) -> str | None:
+        if handle.thread.is_alive():
             return None
-        return outcome.get("error", "")
+        return handle.outcome.get("error", "")
 
-    def cancel(self, handle: Any) -> None:
+    def cancel(self, handle: _InlineRun) -> None:
         pass

@@ -7,25 +7,29 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.db import Adapter, ApiKey, Job, JobEvent, Tenant
+from causalt2i.limits import BigInt, Int32, NonNegativeFinite, PositiveFinite, StrictInput
+from causalt2i.spec import TuningSpec
+from cluster.db import Adapter, ApiKey, Job, JobEvent, JobState, Tenant
 
 TenantName = Annotated[str, Field(pattern=r"^[a-z0-9-]{1,40}$")]
 
 
-class View(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class View(StrictInput):
+    """Input bodies and output views alike: unknown fields refused, floats finite, numbers and booleans strict."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Quotas(View):
     """A tenant's limits. Every field is optional in an update (`set-quota`, `PATCH /v1/admin/tenants/{name}`)."""
 
-    weight: Annotated[float | None, Field(gt=0, description="fair-share weight")] = None
-    max_concurrent_jobs: Annotated[int | None, Field(ge=0)] = None
-    max_concurrent_gpus: Annotated[float | None, Field(ge=0)] = None
-    gpu_hours_per_30d: Annotated[float | None, Field(ge=0)] = None
-    max_adapters: Annotated[int | None, Field(ge=0)] = None
-    max_stored_bytes: Annotated[int | None, Field(ge=0)] = None
-    generate_rpm: Annotated[int | None, Field(ge=0, description="generate requests per minute (enforced by serving)")] = None
+    weight: Annotated[PositiveFinite | None, Field(description="fair-share weight")] = None
+    max_concurrent_jobs: Int32 | None = None
+    max_concurrent_gpus: NonNegativeFinite | None = None
+    gpu_hours_per_30d: NonNegativeFinite | None = None
+    max_adapters: Int32 | None = None
+    max_stored_bytes: BigInt | None = None
+    generate_rpm: Annotated[Int32 | None, Field(description="generate requests per minute (enforced by serving)")] = None
 
 
 class TenantCreate(Quotas):
@@ -34,7 +38,8 @@ class TenantCreate(Quotas):
 
 class WebhookSet(View):
     url: Annotated[str | None, Field(max_length=2048, description="https URL; null removes the webhook")] = None
-    secret: Annotated[str | None, Field(min_length=16, max_length=128)] = None
+    secret: Annotated[str | None, Field(min_length=16, max_length=128,
+                                        description="whsec_ + base64 of 24..64 bytes; omitted: one is generated")] = None
 
 
 class TenantView(View):
@@ -51,6 +56,28 @@ class TenantView(View):
 
     @classmethod
     def of(cls, row: Tenant) -> "TenantView":
+        return cls(**{name: getattr(row, name) for name in cls.model_fields})
+
+
+class WebhookConfigured(TenantView):
+    webhook_secret: Annotated[str | None, Field(description="the signing secret (Standard Webhooks, whsec_…): shown "
+                                                            "only in this answer; null when the webhook was removed")]
+
+
+class WebhookDeliveryView(View):
+    """One webhook attempt; `dead_lettered` is an event's last, after `webhooks.max_attempts` failures."""
+
+    event_id: int
+    msg_id: Annotated[str, Field(description="the webhook-id header: the same on every attempt of an event")]
+    attempt: int
+    at: float
+    duration_s: float
+    outcome: Literal["delivered", "failed", "dead_lettered"]
+    status_code: int | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row) -> "WebhookDeliveryView":
         return cls(**{name: getattr(row, name) for name in cls.model_fields})
 
 
@@ -77,6 +104,59 @@ class CreatedKey(KeyView):
     key: Annotated[str, Field(description="the secret; shown once, only its hash is stored")]
 
 
+class OwnKeyCreate(View):
+    """`POST /v1/keys`: a new key for the caller's own tenant (scope `tenant`)."""
+
+    label: Annotated[str, Field(max_length=200, description="what the key is for, e.g. `laptop` or `ci`")] = ""
+
+
+class QueueEntry(View):
+    """One queued or active job as the admin's queue view shows it."""
+
+    id: str
+    name: str
+    state: JobState
+    position: Annotated[int | None, Field(description="1-based place in its tenant's queue (oldest first); null once admitted")]
+    queue_reason: Annotated[str | None, Field(description="why the scheduler holds it back, as it last decided")]
+    demand_gpus: Annotated[float, Field(description="capacity units admission counts: its GPUs, or one per worker for a CPU job")]
+    gpus: Annotated[float, Field(description="GPUs its workers hold (0 for a CPU job)")]
+    created_at: float
+    started_at: float | None
+
+
+class TenantQueue(View):
+    """A tenant's share of the cluster now: its queued and active jobs against its concurrency quotas."""
+
+    tenant: str
+    queued_jobs: int
+    running_jobs: Annotated[int, Field(description="admitted or running")]
+    demand_gpus_in_use: Annotated[float, Field(description="capacity units its active jobs hold")]
+    gpus_in_use: Annotated[float, Field(description="GPUs its active jobs' workers hold")]
+    max_concurrent_jobs: int
+    max_concurrent_gpus: float
+    jobs: Annotated[list[QueueEntry], Field(description="active jobs first, then the queue in order")]
+
+
+class ClusterUsage(View):
+    """The cluster as the control plane places work on it: what its active jobs hold, against the capacity it admits
+    to. It is the database's view (the placements admission made), so it needs no connection to Ray."""
+
+    capacity_units: Annotated[float | None, Field(description="what admission fills (`CT2I_CAPACITY_GPUS`); null = the "
+                                                              "Ray cluster's GPUs (else CPUs), asked by the scheduler")]
+    node_gpus: Annotated[float | None, Field(description="GPUs of the configured node types (`CT2I_NODE_TYPES`), if any")]
+    demand_gpus_in_use: float
+    gpus_in_use: float
+    running_jobs: int
+    queued_jobs: int
+
+
+class AdminQueue(View):
+    """`GET /v1/admin/queue`: every tenant's queue and the cluster's GPUs in use."""
+
+    cluster: ClusterUsage
+    tenants: Annotated[list[TenantQueue], Field(description="every tenant, by name (those with nothing queued included)")]
+
+
 class Progress(View):
     step: int
     total_steps: int
@@ -90,7 +170,7 @@ class JobView(View):
     id: str
     tenant: str
     name: str
-    state: str
+    state: JobState
     attempts: int
     error: str | None
     queue_reason: str | None
@@ -101,7 +181,7 @@ class JobView(View):
     admitted_at: float | None
     started_at: float | None
     finished_at: float | None
-    spec: dict
+    spec: Annotated[TuningSpec | None, Field(description="as submitted; omitted in listings")] = None
 
     @classmethod
     def of(cls, row: Job, *, with_spec: bool = True) -> "JobView":
@@ -112,7 +192,7 @@ class JobView(View):
             progress=Progress(step=row.progress_step, total_steps=row.progress_total, loss=row.progress_loss,
                               eta_seconds=row.progress_eta_s, terms=json.loads(row.progress_terms_json or "{}"),
                               checkpoint_step=row.checkpoint_step),
-            spec=json.loads(row.spec_json) if with_spec else {},
+            spec=TuningSpec.model_validate_json(row.spec_json) if with_spec else None,
         )
 
 
@@ -120,8 +200,8 @@ class EventView(View):
     id: int
     job_id: str
     at: float
-    kind: str
-    state: str | None
+    kind: Literal["state", "log", "progress"]
+    state: JobState | None
     message: str
     data: dict
 
@@ -136,7 +216,8 @@ class AdapterView(View):
     tenant: str
     name: str
     version: int
-    uri: str
+    uri: Annotated[str, Field(exclude=True, description="where the artifact is stored: for the platform's own use, "
+                                                         "never serialized into a response or `--json`")] = ""
     sha256: str
     bytes: int
     base_model: str
@@ -154,17 +235,46 @@ class AdapterView(View):
 
 
 class UsageView(View):
+    """What counts against a tenant's quotas (`cluster.quotas`)."""
+
     tenant: str
-    gpu_seconds_30d: float
+    gpu_seconds_30d: Annotated[float, Field(description="GPU-seconds used in the last 30 days, running jobs included")]
     gpu_hours_budget_30d: float
+    gpu_seconds_remaining_30d: Annotated[float | None, Field(description="what the budget has left; null = unlimited")] = None
     running_jobs: int
     queued_jobs: int
     adapters: int
-    stored_bytes: int
+    stored_bytes: Annotated[int, Field(description="stored_input_bytes + stored_adapter_bytes")]
+    stored_input_bytes: Annotated[int, Field(description="inputs of jobs not cancelled or deleted")] = 0
+    stored_adapter_bytes: Annotated[int, Field(description="files of ready adapters")] = 0
+    max_stored_bytes: int | None = None
+    max_concurrent_jobs: Annotated[int | None, Field(description="the tenant's quotas beside what uses them")] = None
+    max_concurrent_gpus: float | None = None
+    max_adapters: int | None = None
+    generate_rpm: int | None = None
+
+
+class Caller(View):
+    """`GET /v1/me`: who the presented key is (never its secret)."""
+
+    key_id: str
+    scope: Literal["tenant", "admin"]
+    tenant: Annotated[str | None, Field(description="null for an admin key")]
+
+
+class JobDeleted(View):
+    """`DELETE /v1/tunings/{id}`: what was removed and freed."""
+
+    id: str
+    tenant: str
+    state: Annotated[JobState, Field(description="the job's state when it was deleted (an active job was cancelled first)")]
+    freed_input_bytes: int
+    freed_adapter_bytes: int
+    deleted_adapters: Annotated[list[str], Field(description="ids of the adapters the job had registered, now deleted")]
 
 
 class TuningRequest(View):
-    """`POST /v1/tunings` as JSON: the spec (image entries are names) and the images, base64-encoded, by name."""
+    """`POST /v1/tunings` as JSON: the spec (its image entries are names) and the images, base64-encoded, by name."""
 
-    spec: dict
-    images: dict[str, str] = {}
+    spec: TuningSpec
+    images: Annotated[dict[str, str], Field(description="image name → base64 bytes; every name the spec uses")] = {}

@@ -17,20 +17,19 @@ import math
 from collections.abc import Iterable
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cluster.db import Job, JobEvent, Tenant, UsageRecord
+from cluster.db import Job, JobEvent, JobState, Tenant
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE = frozenset({"admitted", "running"})
+TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+ACTIVE = frozenset({JobState.admitted, JobState.running})
 LEGAL: dict[str, frozenset[str]] = {
-    "queued": frozenset({"admitted", "cancelled", "failed"}),
-    "admitted": frozenset({"running", "queued", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
-    "succeeded": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
+    JobState.queued: frozenset({JobState.admitted, JobState.cancelled, JobState.failed}),
+    JobState.admitted: frozenset({JobState.running, JobState.queued, JobState.cancelled, JobState.failed}),
+    JobState.running: frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.queued}),
+    JobState.succeeded: frozenset(),
+    JobState.failed: frozenset(),
+    JobState.cancelled: frozenset(),
 }
 
 
@@ -105,14 +104,12 @@ def decayed(value: float, since: float, now: float, half_life_s: float) -> float
 
 def record_usage(session: Session, *, tenant: str, job_id: str, attempt: int, gpus: float, started_at: float,
                  ended_at: float, half_life_s: float) -> bool:
-    """Charge one attempt's GPU-seconds once: the ledger row, and the tenant's decayed fair-share usage."""
-    gpu_seconds = max(0.0, ended_at - started_at) * gpus
-    try:
-        with session.begin_nested():
-            session.execute(insert(UsageRecord).values(tenant=tenant, job_id=job_id, attempt=attempt, gpu_seconds=gpu_seconds,
-                                                       started_at=started_at, ended_at=ended_at))
-    except IntegrityError:
-        return False  # this attempt was charged already
+    """Charge one ended attempt's GPU-seconds: its ledger row (kept current while it ran, see `cluster.quotas`) gets the
+    final figure, and the tenant's decayed fair-share usage gets the attempt once (the caller ends each attempt once)."""
+    from cluster.quotas import charge_attempt
+
+    gpu_seconds = charge_attempt(session, tenant=tenant, job_id=job_id, attempt=attempt, gpus=gpus,
+                                 started_at=started_at, until=ended_at)
     row = session.execute(select(Tenant.decayed_usage_gpu_s, Tenant.decayed_usage_at).where(Tenant.name == tenant)).one()
     session.execute(update(Tenant).where(Tenant.name == tenant).values(
         decayed_usage_gpu_s=decayed(row.decayed_usage_gpu_s, row.decayed_usage_at, ended_at, half_life_s) + gpu_seconds,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from causalt2i.atomic import atomic_write_bytes, fsync_dir
+from causalt2i.errors import FieldError
 
 MANIFEST = "_manifest.json"
 TMP_MARKER = ".tmp-"
@@ -31,12 +32,8 @@ _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TENANT = re.compile(r"^[a-z0-9-]{1,40}$")
 
 
-class StorePathError(ValueError):
+class StorePathError(FieldError):
     """A name that could escape its tenant's prefix. `field` names the input it came from."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 class ArtifactNotFound(KeyError):

@@ -2,13 +2,15 @@
 server, and hands the work to the generator. `serve.app` wraps it in the `Ingress` deployment; it has no Ray
 import of its own, so it also runs under a plain ASGI server with any `generate` function.
 
-Order of checks on a generate route, and the status of each: API key (401) → body size (413) → JSON (400)
-→ fields (422, naming the field) → adapter reference (404 for a missing one and for another tenant's,
+Order of checks on a generate route, and the status of each: body size (413) → JSON (400) → API key (401)
+→ fields (422, naming the field; FastAPI body models, so /docs shows them) → the tenant's generations in
+flight (429 with Retry-After past `serve.max_generations_per_tenant`; 503 past `serve.max_generations`) → adapter reference (404 for a missing one and for another tenant's,
 alike) → the tenant's generate rate (429 with Retry-After) → the generator (422 for a size outside the base's
 range or a prompt it cannot encode, 409 for an adapter that fails verification, 504 on timeout). Invalid
 requests never cost quota: the registry look-up and the rate check run at the same time (they are two
-round trips, to the database and to the shared limiter), and a token taken for a request the look-up then
-refuses is given back.
+round trips, to the database and to the shared limiter), and a token taken for a request that is then
+refused before any image is made — by the look-up, by the generator (`Refusal.work_spent` false), or because
+no generator replica answered — is given back.
 
 The adapter reaches the generator only as `multiplexed_model_id=<adapter version id>`, set here on every
 call from the registry's answer; a `serve_multiplexed_model_id` header a client sends routes nothing.
@@ -21,39 +23,52 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from causalt2i.generation import MAX_SEED, GenerationRequest
+from cluster.api import control_plane_router
 from cluster.auth import Principal, bearer_token
+from cluster.http import (
+    ERROR_RESPONSES, UNAVAILABLE_RESPONSES, BodyLimit, HTTPProblem, SafeJSONRoute, ServerFault, error_response,
+    install_error_handlers, schema_ref,
+)
 from cluster.schemas import AdapterView, TenantView
 from cluster.service import ControlPlane, NotFound, ServiceError
+from cluster.slots import RequestSlots
 from serve.metrics import IngressMetrics
 from serve.schemas import (
     BASE_MODEL_REF, AdapterRef, GenerateBody, GenerateCall, GeneratedImages, GenerateOutcome, GenerateResponse, ImageDatum,
-    ImagesBody, ImagesResponse, Refusal,
+    ImagesBody, ImagesResponse, ModelEntry, ModelList, Refusal,
 )
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
+GENERATE_PATHS = ("/v1/generate", "/v1/images/generations")
+OPENAI_PATHS = frozenset({"/v1/images/generations", "/v1/models"})
 ADAPTER_ID = re.compile(r"^ad-[0-9a-f]{4,64}$")
 REF = re.compile(r"^(?:(?P<tenant>[a-z0-9-]{1,40})/)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<version>\d{1,9}))?$")
 
 GenerateFn = Callable[[str, GenerateCall], Awaitable[GenerateOutcome]]
 """(multiplexed model id, call) → outcome: the generator deployment's `generate`, routed by adapter version id."""
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
 
 
 class RateLimiter(Protocol):
@@ -67,30 +82,47 @@ class RateLimiter(Protocol):
 class TokenBuckets:
     """A token bucket per tenant: capacity `per_minute` (the burst), refilled at `per_minute / 60` per second."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, empty_as_of: float | None = None):
+        """`empty_as_of`: every bucket starts empty as of that time (and refills at its rate from then) instead of
+        full. A limiter rebuilt after a crash does not know what each tenant spent before it: starting full would
+        hand every tenant a fresh burst, a limited one included; starting empty grants nothing it cannot account
+        for, and a tenant first seen a minute later finds its bucket full again."""
         self.clock = clock
+        self.empty_as_of = empty_as_of
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant → (tokens, as of)
         self._lock = threading.Lock()
+
+    def _fresh(self, per_minute: float, now: float) -> tuple[float, float]:
+        return (float(per_minute), now) if self.empty_as_of is None else (0.0, self.empty_as_of)
 
     def take(self, tenant: str, per_minute: int) -> float:
         if per_minute <= 0:
             return 60.0
         now = self.clock()
         rate = per_minute / 60.0
+        capacity = max(1.0, float(per_minute))  # a fallback's share of a small rate still admits one request
         with self._lock:
-            tokens, at = self._buckets.get(tenant, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - at) * rate)
+            tokens, at = self._buckets.get(tenant) or self._fresh(capacity, now)
+            tokens = min(capacity, tokens + max(0.0, now - at) * rate)
             if tokens >= 1.0:
                 self._buckets[tenant] = (tokens - 1.0, now)
                 return 0.0
             self._buckets[tenant] = (tokens, now)
             return (1.0 - tokens) / rate
 
+    def remaining(self, tenant: str, per_minute: int) -> float:
+        """Tokens `tenant` has now (what `X-RateLimit-Remaining`-style reporting and the tests read)."""
+        now = self.clock()
+        capacity = max(1.0, float(per_minute))
+        with self._lock:
+            tokens, at = self._buckets.get(tenant) or self._fresh(capacity, now)
+        return min(capacity, tokens + max(0.0, now - at) * per_minute / 60.0)
+
     def give_back(self, tenant: str, per_minute: int) -> None:
         with self._lock:
             if tenant in self._buckets:
                 tokens, at = self._buckets[tenant]
-                self._buckets[tenant] = (min(float(per_minute), tokens + 1.0), at)
+                self._buckets[tenant] = (min(max(1.0, float(per_minute)), tokens + 1.0), at)
 
 
 class LocalRateLimiter:
@@ -106,38 +138,85 @@ class LocalRateLimiter:
         self.buckets.give_back(tenant, per_minute)
 
 
-class HTTPProblem(Exception):
-    def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None):
-        self.status, self.field, self.message, self.headers = status, field, message, headers or {}
-        super().__init__(f"{status} {field}: {message}")
+class FailoverRateLimiter:
+    """A shared limiter (one bucket per tenant for every ingress replica) that a fault of its own never turns into
+    errors for every tenant.
 
+    Each call to `shared` is bounded by `call_timeout_s`. When one fails or times out (the limiter actor was
+    killed, is restarting, or is unreachable), this replica goes *degraded*: it limits on local buckets that
+    start empty and refill at this replica's share of the tenant's rate (`per_minute / replicas()`), so the
+    replicas together never grant more than the tenant's rate and a tenant that had spent its quota gets no
+    fresh burst. A background probe (`probe`, every `probe_interval_s`) returns the replica to `shared` once
+    it answers. Refunds never raise: a lost refund costs a tenant one token, never a request.
+    `outages` holds (start, end) of each degraded spell on the `clock`; `degraded_seconds()` sums them."""
 
-def _validation_problem(err: ValidationError) -> HTTPProblem:
-    problem = err.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in problem.get("loc", ())) or "body"
-    message = problem.get("msg", "invalid").removeprefix("Value error, ")
-    if problem.get("type") == "extra_forbidden":
-        message = "unknown field"
-    elif "input" in problem and problem.get("type") not in ("missing", "value_error"):
-        message = f"{message} (got {problem['input']!r})"[:500]
-    return HTTPProblem(422, field, message)
+    def __init__(self, shared: RateLimiter, *, probe: Callable[[], Awaitable[Any]], replicas: Callable[[], int] = lambda: 1,
+                 call_timeout_s: float = 1.0, probe_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.shared = shared
+        self.probe = probe
+        self.replicas = replicas
+        self.call_timeout_s = call_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.clock = clock
+        self.degraded_since: float | None = None
+        self.last_error: str | None = None
+        self.outages: list[tuple[float, float | None]] = []
+        self.local = TokenBuckets(clock)
+        self._prober: asyncio.Task | None = None
 
+    @property
+    def degraded(self) -> bool:
+        return self.degraded_since is not None
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past `limit` bytes (by Content-Length, or while streaming), 400 when not JSON."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPProblem(413, "body", f"request body over {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPProblem(413, "body", f"request body over {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HTTPProblem(400, "body", f"malformed JSON: {err}") from None
+    def degraded_seconds(self) -> float:
+        now = self.clock()
+        return sum((end if end is not None else now) - start for start, end in self.outages)
+
+    def _share(self, per_minute: int) -> float:
+        return per_minute / max(1, int(self.replicas() or 1))
+
+    def _degrade(self, err: BaseException) -> None:
+        self.last_error = f"{type(err).__name__}: {err}"[:300]
+        if self.degraded_since is None:
+            self.degraded_since = self.clock()
+            self.outages.append((self.degraded_since, None))
+            self.local = TokenBuckets(self.clock, empty_as_of=self.degraded_since)
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        while self.degraded_since is not None:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                await asyncio.wait_for(self.probe(), timeout=max(self.call_timeout_s, 5.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # still down: keep limiting locally
+                self.last_error = f"{type(err).__name__}: {err}"[:300]
+                continue
+            self.outages[-1] = (self.degraded_since, self.clock())
+            self.degraded_since = None
+
+    async def acquire(self, tenant: str, per_minute: int) -> float:
+        if self.degraded_since is None:
+            try:
+                return await asyncio.wait_for(self.shared.acquire(tenant, per_minute), timeout=self.call_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                self._degrade(err)
+        return self.local.take(tenant, self._share(per_minute))
+
+    async def refund(self, tenant: str, per_minute: int) -> None:
+        if self.degraded_since is not None:
+            self.local.give_back(tenant, self._share(per_minute))
+            return
+        try:
+            await asyncio.wait_for(self.shared.refund(tenant, per_minute), timeout=self.call_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._degrade(err)
 
 
 def resolve_adapter(plane: ControlPlane, tenant: str, reference: str, field: str = "adapter") -> AdapterView | None:
@@ -167,25 +246,6 @@ def resolve_adapter(plane: ControlPlane, tenant: str, reference: str, field: str
     return max(versions, key=lambda v: v.version)
 
 
-def _merged_openapi(app: FastAPI, control_app: FastAPI | None) -> Callable[[], dict]:
-    own = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = own()
-        if control_app is not None:
-            other = control_app.openapi()
-            schema.setdefault("paths", {}).update({p: v for p, v in other.get("paths", {}).items() if p not in schema["paths"]})
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, value in other.get("components", {}).get("schemas", {}).items():
-                components.setdefault(name, value)
-        app.openapi_schema = schema
-        return schema
-
-    return openapi
-
-
 def _timing_headers(outcome: GeneratedImages, seed: int, adapter: AdapterView | None, ingress: dict[str, float]) -> dict[str, str]:
     """`Server-Timing` and `X-CT2I-Time-<phase>` (seconds): the generator's phases, then the ingress's own
     (`ingress-` prefixed: key check, registry look-up, rate limit, the generator call's round trip)."""
@@ -204,6 +264,7 @@ class TenantCaller:
 
     tenant: str
     generate_rpm: int
+    phases: dict[str, float] = field(default_factory=dict)  # seconds the ingress spent, by phase (Server-Timing)
 
 
 def _checked_principal(found: Principal | None) -> Principal:
@@ -215,23 +276,39 @@ def _checked_principal(found: Principal | None) -> Principal:
 
 
 def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: RateLimiter | None = None,
-                       metrics: IngressMetrics | None = None, control_app: FastAPI | None = None,
-                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                       request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> FastAPI:
-    """The ingress app. `control_app` (cluster.api.create_app) is mounted under it, so /v1/tunings, /v1/adapters,
-    /v1/admin/... answer on the same port; its routes also appear in this app's OpenAPI page at /docs."""
+                       metrics: IngressMetrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                       request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, slots: RequestSlots | None = None) -> FastAPI:
+    """The ingress app: the generate routes, and the control plane's router included, so /v1/tunings,
+    /v1/adapters, /v1/admin/... answer on the same port and appear in the one generated OpenAPI document.
+    `slots` caps each tenant's (and everyone's) open event streams and generate calls in flight (default: from
+    `plane.settings.serve`)."""
     limiter = limiter or LocalRateLimiter()
+    slots = slots or RequestSlots.from_settings(plane.settings.serve)
     metrics = metrics or IngressMetrics()
     app = FastAPI(title="CausalT2I", version="1",
                   description="Generate images with your tuned adapters; tune, list and delete them. "
                               "Authenticate with `Authorization: Bearer <API key>`.")
     app.state.plane = plane
+    app.add_middleware(BodyLimit, default=plane.settings.limits.max_request_bytes,
+                       limits={path: max_body_bytes for path in GENERATE_PATHS})
+    install_error_handlers(app, openai_paths=OPENAI_PATHS)
+
+    @app.middleware("http")
+    async def count_generate_requests(request: Request, call_next):
+        if request.url.path not in GENERATE_PATHS:
+            return await call_next(request)
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = "images" if request.url.path.endswith("generations") else "generate"
+        metrics.request(route, response.status_code, getattr(request.state, "tenant", ""), time.perf_counter() - started)
+        return response
 
     async def principal(request: Request) -> Principal:
         return _checked_principal(await run_in_threadpool(plane.authenticate, bearer_token(request.headers.get("authorization"))))
 
     async def tenant_caller(request: Request) -> TenantCaller:
         """The key's tenant and its generate quota, read in one trip to a worker thread."""
+        started = time.perf_counter()
         secret = bearer_token(request.headers.get("authorization"))
 
         def read() -> tuple[Principal | None, TenantView | None]:
@@ -245,10 +322,16 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
 
         found, tenant = await run_in_threadpool(read)
         checked = _checked_principal(found)
-        return TenantCaller(checked.tenant, tenant.generate_rpm)
+        request.state.tenant = checked.tenant
+        return TenantCaller(checked.tenant, tenant.generate_rpm, {"auth": time.perf_counter() - started})
 
-    async def run(who: TenantCaller, reference: str, field: str, request: GenerationRequest,
-                  phases: dict[str, float]) -> tuple[GeneratedImages, AdapterView | None]:
+    async def run(who: TenantCaller, reference: str, field: str, request: GenerationRequest) -> tuple[GeneratedImages, AdapterView | None]:
+        # A generation slot before anything else: past the tenant's cap the refusal is immediate and costs no token.
+        with slots.generations.acquire(who.tenant):
+            return await run_in_slot(who, reference, field, request)
+
+    async def run_in_slot(who: TenantCaller, reference: str, field: str, request: GenerationRequest) -> tuple[GeneratedImages, AdapterView | None]:
+        phases = who.phases
         started = time.perf_counter()
         per_minute = who.generate_rpm
         rate = asyncio.ensure_future(limiter.acquire(who.tenant, per_minute))
@@ -275,11 +358,14 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             raise HTTPProblem(504, "request", f"not finished within {request_timeout_s:g} s") from None
         except HTTPProblem:
             raise
-        except Exception as err:  # the replica died or is being replaced: the client may retry
-            raise HTTPProblem(503, "request", f"the generator is unavailable ({type(err).__name__}); retry",
-                              {"Retry-After": "5"}) from None
+        except Exception as err:  # the replica died or is being replaced: the client may retry, at no cost
+            await limiter.refund(who.tenant, per_minute)
+            raise ServerFault(f"generator call failed: {err!r}", status=503, public="the generator is unavailable; retry",
+                              headers={"Retry-After": "5"}) from err
         phases["generator"] = time.perf_counter() - started
         if isinstance(outcome, Refusal):
+            if not outcome.work_spent:  # refused before any image was made: the request costs nothing
+                await limiter.refund(who.tenant, per_minute)
             raise HTTPProblem(outcome.status, field if outcome.field == "adapter" else outcome.field, outcome.message)
         return outcome, adapter
 
@@ -290,31 +376,18 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
         return GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                  guidance=body.guidance_scale, width=width, height=height, n=body.n, seed=seed)
 
-    def timed(route: str, handler):
-        async def endpoint(request: Request):
-            started = time.perf_counter()
-            tenant = ""
-            try:
-                who = await tenant_caller(request)
-                tenant = who.tenant
-                response = await handler(request, who, {"auth": time.perf_counter() - started})
-            except HTTPProblem as problem:
-                response = (_openai_error if route == "images" else _error)(problem)
-            metrics.request(route, response.status_code, tenant, time.perf_counter() - started)
-            return response
+    generate_routes = APIRouter(route_class=SafeJSONRoute, tags=["generate"], responses={**ERROR_RESPONSES, **UNAVAILABLE_RESPONSES})
 
-        return endpoint
-
-    async def generate_route(request: Request, who: TenantCaller, phases: dict[str, float]) -> Response:
-        try:
-            body = GenerateBody.model_validate(await read_json(request, max_body_bytes))
-        except ValidationError as err:
-            raise _validation_problem(err) from None
+    @generate_routes.post("/v1/generate", summary="Generate images with one of your adapters (or the base)",
+                          response_class=Response,
+                          responses={200: {"content": {"image/png": {}, "application/json": {"schema": schema_ref(GenerateResponse)}},
+                                           "description": "`format: png`: the image; `format: json`: base64 images, seeds and timings"}})
+    async def generate_route(body: GenerateBody, who: TenantCaller = Depends(tenant_caller)) -> Response:
         if body.format == "png" and body.n > 1:
             raise HTTPProblem(422, "format", "`png` returns one image; ask for `json` to get n > 1 images")
         generation = generation_request(body, body.width, body.height)
-        outcome, adapter = await run(who, body.adapter, "adapter", generation, phases)
-        headers = _timing_headers(outcome, generation.seed, adapter, phases)
+        outcome, adapter = await run(who, body.adapter, "adapter", generation)
+        headers = _timing_headers(outcome, generation.seed, adapter, who.phases)
         if body.format == "png":
             return Response(outcome.pngs[0], media_type="image/png", headers=headers)
         payload = GenerateResponse(
@@ -323,49 +396,37 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
             adapter=AdapterRef(id=adapter.id, tenant=adapter.tenant, name=adapter.name, version=adapter.version) if adapter else None)
         return JSONResponse(payload.model_dump(), headers=headers)
 
-    async def images_route(request: Request, who: TenantCaller, phases: dict[str, float]) -> Response:
-        try:
-            body = ImagesBody.model_validate(await read_json(request, max_body_bytes))
-        except ValidationError as err:
-            raise _validation_problem(err) from None
+    @generate_routes.post("/v1/images/generations", summary="OpenAI Images API compatible generation",
+                          response_model=ImagesResponse, response_model_exclude_none=True)
+    async def images_route(body: ImagesBody, who: TenantCaller = Depends(tenant_caller)):
         width, height = body.dimensions()
         generation = generation_request(body, width, height)
-        outcome, adapter = await run(who, body.model, "model", generation, phases)
+        outcome, adapter = await run(who, body.model, "model", generation)
         payload = ImagesResponse(created=int(time.time()), data=[ImageDatum(b64_json=base64.b64encode(png).decode()) for png in outcome.pngs])
-        return JSONResponse(payload.model_dump(exclude_none=True), headers=_timing_headers(outcome, generation.seed, adapter, phases))
+        return JSONResponse(payload.model_dump(exclude_none=True), headers=_timing_headers(outcome, generation.seed, adapter, who.phases))
 
-    app.add_api_route("/v1/generate", timed("generate", generate_route), methods=["POST"], tags=["generate"],
-                      summary="Generate images with one of your adapters (or the base)",
-                      response_class=Response,
-                      responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateResponse.model_json_schema()}},
-                                       "description": "`format: png`: the image; `format: json`: base64 images, seeds and timings"}},
-                      openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": GenerateBody.model_json_schema()}}}})
-    app.add_api_route("/v1/images/generations", timed("images", images_route), methods=["POST"], tags=["generate"],
-                      summary="OpenAI Images API compatible generation",
-                      response_class=JSONResponse,
-                      responses={200: {"content": {"application/json": {"schema": ImagesResponse.model_json_schema()}}}},
-                      openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ImagesBody.model_json_schema()}}}})
-
-    @app.get("/v1/models", tags=["generate"], summary="OpenAI-style list of the models you can generate with")
-    async def list_models(request: Request):
-        try:
-            who = await principal(request)
-        except HTTPProblem as problem:
-            return _openai_error(problem)
+    @generate_routes.get("/v1/models", summary="OpenAI-style list of the models you can generate with", response_model=ModelList)
+    async def list_models(who: Principal = Depends(principal)):
         adapters = await run_in_threadpool(plane.list_adapters, who.tenant)
-        models = [{"id": BASE_MODEL_REF, "object": "model", "created": 0, "owned_by": "ct2i"}]
-        models += [{"id": f"{a.tenant}/{a.name}@{a.version}", "object": "model", "created": int(a.created_at), "owned_by": a.tenant}
-                   for a in adapters]
-        return {"object": "list", "data": models}
+        models = [ModelEntry(id=BASE_MODEL_REF, created=0, owned_by="ct2i")]
+        models += [ModelEntry(id=f"{a.tenant}/{a.name}@{a.version}", created=int(a.created_at), owned_by=a.tenant) for a in adapters]
+        return ModelList(data=models)
 
-    @app.get("/healthz", tags=["operations"], summary="liveness: the ingress answers and its database is reachable")
+    app.include_router(generate_routes)
+    app.include_router(control_plane_router(plane, stream_slots=slots.streams))
+
+    @app.get("/healthz", tags=["operations"], summary="liveness: the ingress answers and its database is reachable",
+             response_model=Health, responses={503: {"model": Health, "description": "the database is unreachable"}})
     async def healthz():
+        """Healthy or not, and nothing else: this route needs no key, so it tells no one about traffic or
+        internals (request counters are on the metrics endpoint; a fault is logged server-side)."""
         try:
             await run_in_threadpool(plane.authenticate, None)
             await run_in_threadpool(plane.list_tenants)
-        except Exception as err:
-            return JSONResponse({"status": "degraded", "database": f"{type(err).__name__}"}, status_code=503)
-        return {"status": "ok", "requests": metrics.snapshot()}
+        except Exception:
+            logging.getLogger("ct2i.ingress").exception("healthz: the database is unreachable")
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return Health(status="ok")
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -375,24 +436,9 @@ def create_ingress_app(plane: ControlPlane, generate: GenerateFn, *, limiter: Ra
     async def web_file(name: str):
         path = WEB_DIR / name
         if not re.fullmatch(r"[a-z0-9_-]+\.(js|css|html)", name) or not path.is_file():
-            return _error(HTTPProblem(404, "name", "no such file"))
+            return error_response(404, "name", "no such file")
         return FileResponse(path)
 
-    app.openapi = _merged_openapi(app, control_app)  # type: ignore[method-assign]
-    if control_app is not None:
-        app.mount("/", control_app)
     return app
 
 
-def _error(problem: HTTPProblem) -> JSONResponse:
-    return JSONResponse({"detail": {"field": problem.field, "message": problem.message}}, status_code=problem.status,
-                        headers=problem.headers)
-
-
-def _openai_error(problem: HTTPProblem) -> JSONResponse:
-    """The error shape OpenAI clients parse (`openai.APIStatusError.body`), plus our `detail`."""
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-        problem.status, "invalid_request_error" if problem.status < 500 else "server_error")
-    body = {"error": {"message": problem.message, "type": kind, "param": problem.field, "code": str(problem.status)},
-            "detail": {"field": problem.field, "message": problem.message}}
-    return JSONResponse(body, status_code=problem.status, headers=problem.headers)

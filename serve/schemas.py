@@ -1,9 +1,10 @@
 """The serving layer's typed edges: the HTTP bodies clients send and get back, and what the ingress hands the
 generator replica.
 
-Ranges a client can rely on (the issue's point 5): steps 1..100, guidance 0..30, n 1..8, width and height
-multiples of 8 within 32..2048 here; the generator then checks them against its base's own range (tiny
-32..256, SDXL 256..2048) because only it knows which base it holds.
+Ranges a client can rely on: the library's (`causalt2i.limits`) narrowed for HTTP to steps 1..100 and n 1..8
+(one request must not hold a replica for long), guidance 0..30, width and height multiples of 8 within
+32..2048 here; the generator then checks them against its base's own range (tiny 32..256, SDXL 256..2048)
+because only it knows which base it holds.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from causalt2i.generation import ABSOLUTE_MAX_SIDE, ABSOLUTE_MIN_SIDE, MAX_SEED, SIZE_MULTIPLE, GenerationRequest
+from causalt2i.generation import GenerationRequest
+from causalt2i.limits import (
+    ABSOLUTE_MAX_SIDE, ABSOLUTE_MIN_SIDE, DEFAULT_GUIDANCE, DEFAULT_STEPS, SIZE_MULTIPLE, GuidanceScale, ImageCount,
+    SamplingSteps, Seed, StrictInput,
+)
 
 MAX_STEPS = 100
-MAX_GUIDANCE = 30.0
 MAX_IMAGES = 8
 MAX_PROMPT_CHARS = 2000
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
+HttpSteps = Annotated[SamplingSteps, Field(le=MAX_STEPS)]
+HttpImageCount = Annotated[ImageCount, Field(le=MAX_IMAGES)]
 BASE_MODEL_REF = "base"
 """The adapter reference that means "no adapter": the bare base every replica holds."""
 
@@ -40,16 +44,16 @@ def _side(value: int | None) -> int | None:
     return value
 
 
-class _Knobs(BaseModel):
-    """The sampling settings both generate routes share."""
+class _Knobs(StrictInput):
+    """The sampling settings both generate routes share (numbers strict and finite, see `StrictInput`)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS, description="what guidance steers away from")] = ""
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="DPM-Solver++ steps")] = DEFAULT_STEPS
-    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, validation_alias=AliasChoices("guidance_scale", "guidance"),
-                                           description="classifier-free guidance; ≤ 1 disables it (alias `guidance`)")] = DEFAULT_GUIDANCE
-    seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="image i uses seed + i; omitted = a random seed, returned")] = None
+    steps: HttpSteps = DEFAULT_STEPS
+    guidance_scale: Annotated[GuidanceScale, Field(validation_alias=AliasChoices("guidance_scale", "guidance"),
+                                                   description="classifier-free guidance; ≤ 1 disables it (alias `guidance`)")] = DEFAULT_GUIDANCE
+    seed: Annotated[Seed | None, Field(description="image i uses seed + i; omitted = a random seed, returned")] = None
 
 
 class GenerateBody(_Knobs):
@@ -57,7 +61,7 @@ class GenerateBody(_Knobs):
 
     adapter: Annotated[str, Field(min_length=1, max_length=300, description=ADAPTER_REF_HELP)]
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="may name the adapter's identifier tokens, e.g. `a <s1> cat`")]
-    n: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="images to generate")] = 1
+    n: Annotated[HttpImageCount, Field(description="images to generate")] = 1
     width: Annotated[int | None, Field(description="pixels, a multiple of 8; omitted = the base's native size")] = None
     height: Annotated[int | None, Field(description="pixels, a multiple of 8; omitted = the base's native size")] = None
     format: Annotated[Literal["png", "json"], Field(description="`png`: the first image as image/png; `json`: every image as base64")] = "png"
@@ -65,7 +69,7 @@ class GenerateBody(_Knobs):
     _check_side = field_validator("width", "height")(_side)
 
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # ASCII digits: `\d` also matches "٦٤"
 
 
 class ImagesBody(_Knobs):
@@ -74,7 +78,7 @@ class ImagesBody(_Knobs):
 
     model: Annotated[str, Field(min_length=1, max_length=300, description=ADAPTER_REF_HELP)]
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    n: HttpImageCount = 1
     size: Annotated[str | None, Field(description="`WxH` in pixels, e.g. `1024x1024`; omitted = the base's native size")] = None
     response_format: Annotated[Literal["b64_json"], Field(description="only `b64_json`: this server keeps no image URLs")] = "b64_json"
     output_format: Annotated[Literal["png"], Field(description="only `png`")] = "png"
@@ -134,6 +138,22 @@ class ImagesResponse(BaseModel):
     data: list[ImageDatum]
 
 
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(description="what `model` / `adapter` accepts: `base` or `tenant/name@version`")]
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`, OpenAI's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
 # -- ingress → generator ---------------------------------------------------------------------------
 
 
@@ -148,11 +168,16 @@ class GenerateCall:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request the generator will not run: `status` is the HTTP status the ingress answers with."""
+    """A request the generator will not run: `status` is the HTTP status the ingress answers with.
+
+    `work_spent`: the request reached the denoiser (it was abandoned or failed mid-run), so the rate-limit token
+    it took stays spent; every other refusal comes before any image is made and the ingress gives the token back.
+    """
 
     status: int
     field: str
     message: str
+    work_spent: bool = False
 
 
 @dataclass(frozen=True)

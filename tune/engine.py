@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from causalt2i.trainer import Trainer
+from tune.ds_ops import use_prebuilt_ops
 
 CHECKPOINT_TAG = "ct2i"
 
@@ -42,6 +43,7 @@ class DeepSpeedOptimizerStep:
 
 def attach_deepspeed(trainer: Trainer, *, zero_stage: int = 2):
     """Wrap the trainer's model and optimizer in a DeepSpeed engine; the process group must already exist."""
+    use_prebuilt_ops()  # DeepSpeed's CPU comm op, built at `make setup` (tune.ds_ops)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
@@ -53,6 +55,20 @@ def attach_deepspeed(trainer: Trainer, *, zero_stage: int = 2):
     )
     trainer.optimizer_step = DeepSpeedOptimizerStep(engine)
     return engine
+
+
+def fp32_masters(trainer: Trainer, engine) -> dict[str, torch.Tensor] | None:
+    """The fp32 master values of the trainable tensors when the engine trains in bf16, else None.
+
+    Under bf16 the module holds bf16 copies and the fp32 masters live in DeepSpeed's optimizer partitions;
+    exporting from the copies would store bf16-rounded ΔW and LoRA factors (issue 14's precision bound).
+    Gathering a partitioned master is collective, so every rank must call this.
+    """
+    if not engine.bfloat16_enabled():
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(tensor).detach().to("cpu") for name, tensor in trainer.model.named_trainable().items()}
 
 
 def save_deepspeed_checkpoint(trainer: Trainer, engine, directory: str | Path) -> None:

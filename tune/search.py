@@ -1,11 +1,13 @@
 """Ray Tune search over α, λ_attn and the inference guidance scale, from a spec's `search:` section.
 
 One Tune run per job, named `<tenant>--<job>-search` under the Ray Train storage. Each trial is a Tune
-*function* trainable that builds one `TorchTrainer` (Ray Train V2 cannot be passed to `Tuner` itself):
+*function* trainable that trains the trial's spec one of two ways (`trials`):
 
-1. **Train.** `build_torch_trainer` with the trial's α and λ_attn in `spec.train`. Its `RunConfig` carries
-   a `TuneReportCallback`, so every report of the Train workers (at each checkpoint, and every few steps)
-   becomes a Tune result of the trial.
+1. **Train.** `ray_train` (the production path): `build_torch_trainer` with the trial's α and λ_attn in
+   `spec.train` (Ray Train V2 cannot be passed to `Tuner` itself); its `RunConfig` carries a
+   `TuneReportCallback`, so every report of the Train workers (at each checkpoint, and every few steps)
+   becomes a Tune result of the trial. `in_process`: the method-core trainer inside the trial, reporting
+   each checkpoint's losses to Tune itself (one box, no Train start-up per trial).
 2. **Score.** The trial's adapter generates `eval_prompts` paper-style prompts × `eval_seeds` at
    `eval_steps` DPM-Solver++ steps and the trial's guidance scale (`causalt2i.evaluate.evaluate_adapter`),
    and its score is `trial_score` below. The scoring runs as a Ray task holding the resources of one
@@ -60,7 +62,6 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import ray
@@ -68,24 +69,23 @@ from pydantic import BaseModel, ConfigDict
 from ray.tune import Callback, Stopper
 
 from causalt2i.atomic import atomic_write_bytes, atomic_write_text
+from causalt2i.callbacks import StepInfo
 from causalt2i.spec import Distribution, ScoreWeights, SearchConfig, SpecError, TuningSpec
 from causalt2i.trainer import TrainResult
-from tune.worker import ADAPTER_SUBDIR
+from cluster.config import MetricSettings
+from cluster.evaluation import metric_suite_for
+from cluster.runner import AttemptContext, ProgressSink
+from tune.train_run import ADAPTER_SUBDIR
 
 SCORE = "score"
 EARLY_STOP_METRIC = "cdm"
 EARLY_STOP_TIME = "step"
-SEARCHED = ("alpha", "lambda_attn", "guidance_scale")
+# The α axis is `alpha_scale` (a multiplier of the calibrated α) under `alpha: auto`, else `alpha` (TuningSpec.alpha_axis).
+SEARCHED = ("alpha", "alpha_scale", "lambda_attn", "guidance_scale")
 SEARCH_FILE = "search.json"
 PLOT_FILE = "search.png"
 EVAL_SUBDIR = "eval"
 SCORE_FORMULA = "score = clip_i*CLIP-I + clip_t*CLIP-T + kid*KID + lpips*LPIPS (weights: search.score; higher is better)"
-METRIC_ENV = {
-    "clip": "CT2I_METRIC_CLIP",
-    "inception": "CT2I_METRIC_INCEPTION",
-    "lpips_trunk": "CT2I_METRIC_LPIPS_TRUNK",
-    "lpips_linear": "CT2I_METRIC_LPIPS_LINEAR",
-}
 # Tune's placement groups refuse an all-zero bundle; one byte of memory is a bundle that holds nothing back.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 ASHA_REDUCTION_FACTOR = 2
@@ -104,10 +104,11 @@ def check_search(spec: TuningSpec) -> SearchConfig:
     search = spec.search
     if search is None:
         raise SpecError("search", "this spec has no search section")
-    for name in ("alpha", "lambda_attn"):
-        low, _ = getattr(search, name).bounds()
-        if low < 0:
-            raise SpecError(f"search.{name}", f"must not go below 0 (it is a loss weight), got {low}")
+    alpha_name, alpha_distribution = spec.alpha_axis
+    for name, distribution in ((alpha_name, alpha_distribution), ("lambda_attn", search.lambda_attn)):
+        low, _ = distribution.bounds()
+        if low < 0 or (name == "alpha_scale" and low == 0):
+            raise SpecError(f"search.{name}", f"must stay above 0 (it weighs a loss), got {low}")
     if search.score.kid != 0:
         generated = search.eval_prompts * len(search.eval_seeds)
         fewest_references = min(len(subject.images) for subject in spec.subjects)
@@ -121,10 +122,11 @@ def check_search(spec: TuningSpec) -> SearchConfig:
 
 
 def trial_spec(spec: TuningSpec, config: Mapping[str, Any]) -> TuningSpec:
-    """The spec one trial trains: the trial's α and λ_attn, and no search section. Validated again, so a bad
-    sampled value is an error naming `train.alpha` or `train.lambda_attn`."""
-    data = spec.model_dump(mode="json")
-    data["train"].update(alpha=float(config["alpha"]), lambda_attn=float(config["lambda_attn"]))
+    """The spec one trial trains: the trial's α (or multiplier of the calibrated α) and λ_attn, and no search
+    section. Validated again, so a bad sampled value is an error naming the `train.` field."""
+    data = spec.model_dump()
+    alpha_name, _ = spec.alpha_axis
+    data["train"].update({alpha_name: float(config[alpha_name]), "lambda_attn": float(config["lambda_attn"])})
     data["search"] = None
     return TuningSpec.model_validate(data)
 
@@ -139,8 +141,10 @@ def tune_domain(distribution: Distribution):
     return tune.choice(list(distribution.choice))
 
 
-def param_space(search: SearchConfig) -> dict:
-    return {name: tune_domain(getattr(search, name)) for name in SEARCHED}
+def param_space(spec: TuningSpec) -> dict:
+    alpha_name, alpha_distribution = spec.alpha_axis
+    return {alpha_name: tune_domain(alpha_distribution), "lambda_attn": tune_domain(spec.search.lambda_attn),
+            "guidance_scale": tune_domain(spec.search.guidance_scale)}
 
 
 # -------------------------------------------------------------------------------- searcher, scheduler
@@ -209,23 +213,8 @@ def trial_score(metrics: Mapping[str, float | None], weights: ScoreWeights) -> f
     return total
 
 
-def metric_suite_for(base_model: str, device: str = "cpu"):
-    """Tiny random extractors for the tiny preset; otherwise the real ones named by `CT2I_METRIC_*`."""
-    import os
-
-    from causalt2i.metrics.extractors import MetricSuite
-
-    if base_model == "tiny":
-        return MetricSuite.tiny(0).to(device)
-    missing = [variable for variable in METRIC_ENV.values() if not os.environ.get(variable)]
-    if missing:
-        raise RuntimeError(f"scoring search trials on {base_model!r} needs the metric networks; set {', '.join(missing)} "
-                           f"(CLIP: a folder or hub id; Inception: the FID TorchScript file; LPIPS: the AlexNet and "
-                           f"lpips linear weight files)")
-    return MetricSuite.from_config(**{field: os.environ[variable] for field, variable in METRIC_ENV.items()}, device=device)
-
-
-def score_adapter(spec: TuningSpec, adapter_dir: Path, guidance_scale: float, out_dir: Path) -> dict:
+def score_adapter(spec: TuningSpec, adapter_dir: Path, guidance_scale: float, out_dir: Path,
+                  metrics: MetricSettings = MetricSettings()) -> dict:
     """Generate the search's small eval set with the adapter, and return its overall metrics and score."""
     import torch
 
@@ -243,23 +232,27 @@ def score_adapter(spec: TuningSpec, adapter_dir: Path, guidance_scale: float, ou
     references = {subject.token: [load_reference_image(path) for path in subject.images] for subject in spec.subjects}
     config = EvalConfig(max_prompts=search.eval_prompts, seeds=list(search.eval_seeds), steps=search.eval_steps,
                         guidance=float(guidance_scale))
-    report = evaluate_adapter(Generator(parts), load_adapter(adapter_dir), references, metric_suite_for(spec.base_model, device),
-                              config, out_dir)
+    report = evaluate_adapter(Generator(parts), load_adapter(adapter_dir), references,
+                              metric_suite_for(spec.base_model, metrics, device), config, out_dir)
     metrics = report.overall.model_dump()
     return {"metrics": metrics, SCORE: trial_score(metrics, search.score)}
 
 
-@ray.remote(max_retries=0)
-def _score_task(spec_data: dict, adapter_checkpoint, guidance_scale: float) -> dict:
-    import torch
-
-    spec = TuningSpec.model_validate(spec_data)
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+def _score_local(spec: TuningSpec, adapter_dir: Path, guidance_scale: float, metrics: MetricSettings) -> dict:
     with tempfile.TemporaryDirectory(prefix="ct2i-score-") as scratch:
-        adapter_dir = Path(adapter_checkpoint.to_directory(str(Path(scratch) / ADAPTER_SUBDIR)))
-        outcome = score_adapter(spec, adapter_dir, guidance_scale, Path(scratch) / EVAL_SUBDIR)
+        outcome = score_adapter(spec, adapter_dir, guidance_scale, Path(scratch) / EVAL_SUBDIR, metrics)
         outcome["report"] = (Path(scratch) / EVAL_SUBDIR / "metrics.json").read_text()
     return outcome
+
+
+@ray.remote(max_retries=0)
+def _score_task(spec: TuningSpec, adapter_checkpoint, guidance_scale: float, metrics: MetricSettings) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    with tempfile.TemporaryDirectory(prefix="ct2i-adapter-") as scratch:
+        adapter_dir = Path(adapter_checkpoint.to_directory(str(Path(scratch) / ADAPTER_SUBDIR)))
+        return _score_local(spec, adapter_dir, guidance_scale, metrics)
 
 
 # ------------------------------------------------------------------------------------------- a trial
@@ -278,32 +271,14 @@ def _report_callback():
     return SearchReportCallback()
 
 
-def run_trial(config: dict, *, spec_data: dict, storage: str, search_name: str, use_gpu: bool) -> None:
-    """The Tune function trainable: train one TorchTrainer, score its adapter, report score + adapter."""
+def _final_report(scored: dict, final: dict, spec: TuningSpec, adapter_source) -> None:
+    """The trial's last Tune result: its score and metrics, with a checkpoint of `adapter/` and the evaluation."""
     from ray import tune
     from ray.train import Checkpoint
 
-    from tune.runner import build_torch_trainer
-
-    searched = TuningSpec.model_validate(spec_data)
-    spec = trial_spec(searched, config)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = build_torch_trainer(spec, name=f"{search_name}--{trial_id}", storage=storage, use_gpu=use_gpu,
-                                  extra_callbacks=[_report_callback()])
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"trial {trial_id}: the Train run reported no checkpoint")
-    adapter = Checkpoint(path=f"{result.checkpoint.path}/{ADAPTER_SUBDIR}", filesystem=result.checkpoint.filesystem)
-    resources = searched.resources
-    gpus = resources.gpus_per_worker if use_gpu else 0
-    # "DEFAULT" keeps the task out of the trial's placement group, which Tune makes child tasks inherit and
-    # which holds no CPU.
-    scored = ray.get(_score_task.options(num_cpus=resources.cpus_per_worker, num_gpus=gpus, scheduling_strategy="DEFAULT")
-                     .remote(spec_data, adapter, float(config["guidance_scale"])))
-    final = dict(result.metrics or {})
     with tempfile.TemporaryDirectory(prefix="ct2i-trial-") as scratch:
         folder = Path(scratch)
-        adapter.to_directory(str(folder / ADAPTER_SUBDIR))
+        adapter_source(folder / ADAPTER_SUBDIR)
         atomic_write_text(folder / EVAL_SUBDIR / "metrics.json", scored["report"])
         tune.report({SCORE: scored[SCORE], **{f"eval_{k}": v for k, v in scored["metrics"].items()},
                      EARLY_STOP_TIME: final.get(EARLY_STOP_TIME, spec.total_steps),
@@ -311,17 +286,77 @@ def run_trial(config: dict, *, spec_data: dict, storage: str, search_name: str, 
                     checkpoint=Checkpoint.from_directory(str(folder)))
 
 
+def run_trial(config: dict, *, spec: TuningSpec, storage: str, search_name: str, use_gpu: bool,
+              metrics: MetricSettings) -> None:
+    """The Tune function trainable of `trials: ray_train`: train one TorchTrainer, score its adapter, report."""
+    from ray import tune
+    from ray.train import Checkpoint
+
+    from tune.train_run import build_torch_trainer
+
+    trial = trial_spec(spec, config)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_torch_trainer(trial, name=f"{search_name}--{trial_id}", storage=storage, use_gpu=use_gpu,
+                                  callbacks=[_report_callback()])
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {trial_id}: the Train run reported no checkpoint")
+    adapter = Checkpoint(path=f"{result.checkpoint.path}/{ADAPTER_SUBDIR}", filesystem=result.checkpoint.filesystem)
+    gpus = spec.resources.gpus_per_worker if use_gpu else 0
+    # "DEFAULT" keeps the task out of the trial's placement group, which Tune makes child tasks inherit and
+    # which holds no CPU.
+    scored = ray.get(_score_task.options(num_cpus=spec.resources.cpus_per_worker, num_gpus=gpus, scheduling_strategy="DEFAULT")
+                     .remote(spec, adapter, float(config["guidance_scale"]), metrics))
+    _final_report(scored, dict(result.metrics or {}), trial, lambda dest: adapter.to_directory(str(dest)))
+
+
+class _TuneReporter:
+    """Trainer callback of an in-process trial: each checkpoint's losses become a Tune result (ASHA reads `cdm`)."""
+
+    def __init__(self):
+        self.last: dict = {}
+
+    def on_step(self, info: StepInfo) -> None:
+        self.last = {EARLY_STOP_TIME: info.step, "loss": info.loss, **info.terms}
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        from ray import tune
+
+        tune.report({**self.last, SCORE: math.nan})
+
+    def on_diagnostics(self, step: int, diagnostics: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def run_trial_in_process(config: dict, *, spec: TuningSpec, metrics: MetricSettings) -> None:
+    """The Tune function trainable of `trials: in_process`: the method-core trainer inside the trial."""
+    import torch
+
+    from causalt2i.trainer import train
+
+    trial = trial_spec(spec, config)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    reporter = _TuneReporter()
+    with tempfile.TemporaryDirectory(prefix="ct2i-trial-run-") as scratch:
+        result = train(trial, Path(scratch) / "run", callbacks=[reporter])
+        scored = _score_local(spec, result.adapter_dir, float(config["guidance_scale"]), metrics)
+        _final_report(scored, reporter.last, trial, lambda dest: shutil.copytree(result.adapter_dir, dest))
+
+
 # ------------------------------------------------------------------------------------ driver helpers
 
 
 class FenceStopper(Stopper):
-    """Stops the whole Tune run once the attempt's fence says stop (cancelled, or the job row was lost).
+    """Stops the whole Tune run once the attempt says stop (cancelled, or the job row was lost).
 
-    Tune pickles its run config for restores; a fence (a database handle and threads) does not pickle, and
-    a restored run has no attempt to answer to, so the pickled copy never stops anything."""
+    Tune pickles its run config for restores; a restored run has no attempt to answer to (a copy of the
+    attempt's sink would never hear of a cancel), so the pickled copy never stops anything."""
 
-    def __init__(self, fence=None):
-        self.fence = fence
+    def __init__(self, ctx: AttemptContext | None = None):
+        self.ctx = ctx
 
     def __reduce__(self):
         return (FenceStopper, ())
@@ -330,14 +365,14 @@ class FenceStopper(Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return self.fence is not None and bool(self.fence.should_stop())
+        return self.ctx is not None and self.ctx.cancelled()
 
 
 class TrialProgress(Callback):
     """Writes `trials ended / num_samples` into the job's progress (for a search, progress counts trials)."""
 
-    def __init__(self, fence=None, num_samples: int = 1):
-        self.fence = fence
+    def __init__(self, sink: ProgressSink | None = None, num_samples: int = 1):
+        self.sink = sink
         self.num_samples = num_samples
         self.ended = 0
 
@@ -346,13 +381,11 @@ class TrialProgress(Callback):
 
     def _ended(self, trial) -> None:
         self.ended += 1
-        if self.fence is None or not hasattr(self.fence, "on_step"):
+        if self.sink is None:
             return
         loss = (trial.last_result or {}).get("loss", math.nan)
         try:
-            self.fence.on_step(SimpleNamespace(step=self.ended, total_steps=self.num_samples,
-                                               loss=loss if math.isfinite(loss) else 0.0, terms={},
-                                               seconds_per_step=0.0, eta_seconds=0.0))
+            self.sink.on_trials(self.ended, self.num_samples, loss if math.isfinite(loss) else 0.0)
         except Exception:  # progress is advisory; the attempt's heartbeat keeps it alive regardless
             pass
 
@@ -417,26 +450,28 @@ def trial_records(results) -> list[TrialRecord]:
 
 
 def plot_search(record: SearchRecord) -> bytes:
-    """Score against α on a log axis, best trial starred; trials without a score as ticks on the α axis."""
+    """Score against the α axis (α, or its multiplier under `alpha: auto`) on a log scale, best trial starred;
+    trials without a score as ticks on that axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    axis = "alpha_scale" if "alpha_scale" in record.best_config else "alpha"
     scored = [t for t in record.trials if t.score is not None]
-    unscored = [t for t in record.trials if t.score is None and "alpha" in t.config]
+    unscored = [t for t in record.trials if t.score is None and axis in t.config]
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    axes.scatter([t.config["alpha"] for t in scored], [t.score for t in scored], color="tab:blue", label="finished trial")
+    axes.scatter([t.config[axis] for t in scored], [t.score for t in scored], color="tab:blue", label="finished trial")
     best = next(t for t in scored if t.trial_id == record.best_trial_id)
-    axes.scatter([best.config["alpha"]], [best.score], marker="*", s=260, color="tab:red", zorder=3,
-                 label=f"best: alpha={best.config['alpha']:.3g}, score={best.score:.4g}")
+    axes.scatter([best.config[axis]], [best.score], marker="*", s=260, color="tab:red", zorder=3,
+                 label=f"best: {axis}={best.config[axis]:.3g}, score={best.score:.4g}")
     for trial in unscored:
-        axes.axvline(trial.config["alpha"], color="gray", linestyle=":", linewidth=1)
+        axes.axvline(trial.config[axis], color="gray", linestyle=":", linewidth=1)
     if unscored:
         axes.plot([], [], color="gray", linestyle=":", label="stopped early / failed")
     axes.set_xscale("log")
     axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a narrow range
-    axes.set_xlabel("alpha (weight of L_cst)")
+    axes.set_xlabel("alpha_scale (x the calibrated weight of L_cst)" if axis == "alpha_scale" else "alpha (weight of L_cst)")
     axes.set_ylabel("trial score")
     axes.set_title(f"{record.run}: {len(scored)} of {len(record.trials)} trials scored", fontsize=9)
     axes.legend(fontsize=8)
@@ -450,40 +485,35 @@ def plot_search(record: SearchRecord) -> bytes:
 # ------------------------------------------------------------------------------------------ run_search
 
 
-def _job_id(run_dir: Path, fence, job_id: str | None) -> str:
-    if job_id:
-        return job_id
-    if getattr(fence, "job_id", None):
-        return fence.job_id
-    # The control plane's layout is <store>/<tenant>/jobs/<job>/run/trainer.
-    parents = [p.name for p in Path(run_dir).resolve().parents]
-    return parents[1] if len(parents) > 1 and parents[0] == "run" else Path(run_dir).name
-
-
-def run_search(spec: TuningSpec, run_dir: str | Path, *, storage: str, use_gpu: bool, fence=None,
-               job_id: str | None = None) -> TrainResult:
+def run_search(spec: TuningSpec, run_dir: str | Path, *, storage: str, use_gpu: bool, ctx: AttemptContext,
+               trials: Literal["ray_train", "in_process"] = "ray_train") -> TrainResult:
     """Run the spec's search as one Tune run; return the best trial's adapter (with search.json/png beside it)."""
     from ray import tune
 
     search = check_search(spec)
     kind = searcher_kind(search)
-    name = search_run_name(spec.tenant, _job_id(Path(run_dir), fence, job_id))
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json"), storage=storage, search_name=name, use_gpu=use_gpu),
-        TRIAL_RESOURCES)
+    name = search_run_name(spec.tenant, ctx.job_id)
+    metrics = ctx.settings.metrics
+    if trials == "in_process":
+        trainable = tune.with_resources(tune.with_parameters(run_trial_in_process, spec=spec, metrics=metrics),
+                                        {"cpu": spec.resources.cpus_per_worker})
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, spec=spec, storage=storage, search_name=name, use_gpu=use_gpu, metrics=metrics),
+            TRIAL_RESOURCES)
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(search),
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(num_samples=search.num_samples, search_alg=build_search_alg(search, seed=spec.train.seed),
                                     scheduler=build_scheduler(spec), reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=storage, stop=FenceStopper(fence), verbose=0,
-                                  callbacks=[TrialProgress(fence, search.num_samples)],
+        run_config=tune.RunConfig(name=name, storage_path=storage, stop=FenceStopper(ctx), verbose=0,
+                                  callbacks=[TrialProgress(ctx.progress, search.num_samples)],
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     results = tuner.fit()
     total = spec.total_steps
-    if fence is not None and fence.should_stop():
+    if ctx.cancelled():
         return TrainResult(adapter_dir=None, step=0, total_steps=total, stopped_early=True, stop_reason="cancelled")
 
     records = trial_records(results)

@@ -27,19 +27,27 @@ EPS = 1e-6
 
 
 class InterventionNetwork(nn.Module):
-    """f = W_out(x + MLP(x)), MLP: d_I → d_I (Linear, GELU, Linear), W_out: d_I → d_text (Eqs. 7–8)."""
+    """f = g · W_out(x + MLP(x)), MLP: d_I → d_I (Linear, GELU, Linear), W_out: d_I → d_text (Eqs. 7–8).
+
+    `g` is a learnable output gain that starts at `w_out_init_scale` (1e-3), so f̄ starts near 0 and CdO
+    starts as plain denoising: at initialisation this is the same function as METHOD.md's "W_out at its
+    default init × 1e-3". It is a different parametrisation on purpose. Adam moves every weight by about
+    its learning rate per step whatever its scale; a W_out of scale 1e-4 is therefore overwritten within
+    a few steps by L_cdm's low-rank updates, after which every f_i and f̄_i points the same way and
+    c(f_i, f_i^s) = c(f̄_i, f_i^s) whatever the masks (measured on the tiny preset: L_cst stayed at its
+    initial value for 300 steps). With the scale in `g`, W_out keeps its full-rank default init and L_cst's
+    gradient reaches the masks (METHOD.md, "Measured on the tiny preset").
+    """
 
     def __init__(self, image_dim: int, text_dim: int, w_out_init_scale: float = 1e-3):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(image_dim, image_dim), nn.GELU(), nn.Linear(image_dim, image_dim))
         self.w_out = nn.Linear(image_dim, text_dim)
-        # A small W_out makes f̄ start near 0, so CdO starts as plain denoising (cosine is scale-invariant).
-        with torch.no_grad():
-            self.w_out.weight.mul_(w_out_init_scale)
-            self.w_out.bias.mul_(w_out_init_scale)
+        # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.gain = nn.Parameter(torch.full((1,), float(w_out_init_scale)))
 
     def forward(self, gated: torch.Tensor) -> torch.Tensor:
-        return self.w_out(gated + self.mlp(gated))
+        return self.gain * self.w_out(gated + self.mlp(gated))
 
 
 class SaCD(nn.Module):
@@ -75,6 +83,35 @@ def mean_text_embedding(text_embeds: torch.Tensor, valid: torch.Tensor) -> torch
     return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
+def cst_cosines(sacd: SaCD, image_embeds: torch.Tensor, text_means: torch.Tensor, *, detach_net: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """c(f_i, f_i^s) and c(f̄_i, f_i^s) for i = 1..n+1: [B, n+1] each (Eq. 9's numerator and denominator)."""
+    f, f_bar = sacd.intervene(image_embeds, detach_net=detach_net)
+    target = text_means.unsqueeze(0).to(f.dtype)
+    return F.cosine_similarity(f, target, dim=-1), F.cosine_similarity(f_bar, target, dim=-1)
+
+
+def cst_ratio(
+    sacd: SaCD,
+    image_embeds: torch.Tensor,
+    text_means: torch.Tensor,
+    *,
+    form: Literal["shifted", "raw"] = "shifted",
+    grad: Literal["masks", "all"] = "masks",
+) -> torch.Tensor:
+    """Σ_{i=1}^{n+1} c(f̄_i, f_i^s) / c(f_i, f_i^s) of Eq. 9 without α, averaged over the batch.
+
+    image_embeds: f^m [B, d_I]; text_means: mean_t f_i^s for i = 1..n+1, [n+1, d_text].
+    """
+    cos_kept, cos_removed = cst_cosines(sacd, image_embeds, text_means, detach_net=grad == "masks")
+    if form == "shifted":
+        ratio = (1 + cos_removed + EPS) / (1 + cos_kept + EPS)
+    elif form == "raw":
+        ratio = cos_removed / cos_kept.clamp_min(EPS)
+    else:
+        raise ValueError(f"unknown cst_form {form!r}")
+    return ratio.sum(dim=1).mean()
+
+
 def cst_loss(
     sacd: SaCD,
     image_embeds: torch.Tensor,
@@ -84,18 +121,5 @@ def cst_loss(
     form: Literal["shifted", "raw"] = "shifted",
     grad: Literal["masks", "all"] = "masks",
 ) -> torch.Tensor:
-    """L_cst of Eq. 9, averaged over the batch.
-
-    image_embeds: f^m [B, d_I]; text_means: mean_t f_i^s for i = 1..n+1, [n+1, d_text].
-    """
-    f, f_bar = sacd.intervene(image_embeds, detach_net=grad == "masks")
-    target = text_means.unsqueeze(0).to(f.dtype)
-    cos_kept = F.cosine_similarity(f, target, dim=-1)
-    cos_removed = F.cosine_similarity(f_bar, target, dim=-1)
-    if form == "shifted":
-        ratio = (1 + cos_removed + EPS) / (1 + cos_kept + EPS)
-    elif form == "raw":
-        ratio = cos_removed / cos_kept.clamp_min(EPS)
-    else:
-        raise ValueError(f"unknown cst_form {form!r}")
-    return alpha * ratio.sum(dim=1).mean()
+    """L_cst of Eq. 9: α · `cst_ratio`."""
+    return alpha * cst_ratio(sacd, image_embeds, text_means, form=form, grad=grad)

@@ -22,13 +22,22 @@ from torch import nn
 EPS = 1e-6
 
 
+def identity_token_maps(attention: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Each subject's mean map over its identity tokens: attention [B, 77, h, w] → [B, n, h, w]."""
+    return torch.stack([attention[:, pos].mean(1) for pos in positions], dim=1)
+
+
 def identity_maps(attention: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
-    """A_i before E_I: mean map over each subject's identity tokens, min-max normalised to [0, 1].
+    """A_i before E_I: `identity_token_maps` min-max normalised to [0, 1] per subject.
 
     attention: [B, 77, h, w] (recorded, layer-averaged); positions: token positions per subject.
     Returns [B, n, h, w].
     """
-    maps = torch.stack([attention[:, pos].mean(1) for pos in positions], dim=1)
+    return min_max(identity_token_maps(attention, positions))
+
+
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each [h, w] map of [B, n, h, w] scaled to [0, 1]."""
     flat = maps.flatten(2)
     low = flat.min(-1, keepdim=True).values
     high = flat.max(-1, keepdim=True).values

@@ -1,124 +1,101 @@
-// The page talks to the same REST API as any client: /v1/adapters and /v1/tunings (control plane) and
-// /v1/generate (format json). No build step, no dependencies.
+// The console's entry: the key, the tabs, and the periodic tuning list. Loaded last (after api.js, create.js,
+// watch.js, use.js, account.js). A tenant key gets the tenant's tabs; an admin key the tunings and the cluster.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-const KEY_STORE = "ct2i.key";
-let adapters = [];
+const TENANT_TABS = ["create", "watch", "use", "account"];
+const ADMIN_TABS = ["watch", "admin"];
 let tuningTimer = null;
+let currentTab = "create";
 
-function headers() {
-  return { "Authorization": "Bearer " + $("key").value.trim(), "Content-Type": "application/json" };
+function allowedTabs() {
+  const me = window.ct2iCaller;
+  return me && me.scope === "admin" ? ADMIN_TABS : TENANT_TABS;
 }
 
-async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: headers() });
-  const text = await response.text();
-  let body = null;
-  try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
-  if (!response.ok) {
-    const detail = body && body.detail ? body.detail : body;
-    const where = detail && detail.field ? detail.field + ": " : "";
-    throw new Error(`${response.status} ${where}${detail && detail.message ? detail.message : JSON.stringify(detail)}`);
+function showTab(name) {
+  const allowed = allowedTabs();
+  if (!allowed.includes(name)) name = allowed[0];
+  currentTab = name;
+  for (const tab of ["create", "watch", "use", "account", "admin"]) {
+    $(`tab-${tab}`).hidden = !allowed.includes(tab);
+    $(`panel-${tab}`).hidden = tab !== name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
   }
-  return body;
+  if (name === "use") renderIdeas();
+  if (name === "account" && window.ct2iCaller) refreshAccount();
+  if (name === "admin" && window.ct2iCaller) startAdmin(); else stopAdmin();
 }
+window.ct2iShowTab = showTab;
 
-async function connect() {
-  localStorage.setItem(KEY_STORE, $("key").value.trim());
-  $("error").textContent = "";
-  try {
-    adapters = await api("/v1/adapters");
-  } catch (err) {
-    $("whoami").textContent = "";
-    $("error").textContent = err.message;
-    return;
-  }
-  const select = $("adapter");
-  select.replaceChildren(new Option("base (no adapter)", "base"));
-  for (const a of adapters) {
-    select.add(new Option(`${a.tenant}/${a.name}@${a.version}`, `${a.tenant}/${a.name}@${a.version}`));
-  }
-  if (adapters.length) select.selectedIndex = adapters.length;  // the newest listed last
-  $("whoami").textContent = `${adapters.length} adapter(s)`;
-  showTokens();
+function pause() {
+  clearInterval(tuningTimer); tuningTimer = null;
+  stopAdmin();
+  stopWatching();
+}
+window.ct2iPause = pause;
+window.ct2iResume = () => { if (window.ct2iCaller) { startPolling(); showTab(currentTab); } };
+
+function startPolling() {
   refreshTunings();
   clearInterval(tuningTimer);
   tuningTimer = setInterval(refreshTunings, 2000);
 }
 
-function showTokens() {
-  const chosen = adapters.find((a) => `${a.tenant}/${a.name}@${a.version}` === $("adapter").value);
-  $("tokens").textContent = chosen ? `(${chosen.param_mode}; base ${chosen.base_model})` : "";
+// The key was revoked (here or elsewhere) or is unknown: forget it and ask for another; nothing is sent with it again.
+function askForKey(message) {
+  pause();
+  window.ct2iCaller = null; window.ct2iTenant = "";
+  localStorage.removeItem(KEY_STORE);
+  $("key").value = "";
+  $("whoami").textContent = "";
+  $("key-error").textContent = message;
+  $("tunings").replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "muted", text: "enter your key" })));
+  $("job-detail").hidden = true;
+  $("keys").replaceChildren(); $("usage").replaceChildren();
+  forgetNewKey();
+  showTab("create");
+  $("key").focus();
 }
+window.ct2iAskForKey = askForKey;
 
-function numberOrNull(id) {
-  const value = $(id).value.trim();
-  return value === "" ? null : Number(value);
-}
-
-async function generate() {
-  $("error").textContent = "";
-  $("status").textContent = "generating…";
-  $("generate").disabled = true;
-  const started = performance.now();
-  const body = {
-    adapter: $("adapter").value, prompt: $("prompt").value, negative_prompt: $("negative").value,
-    steps: numberOrNull("steps"), guidance_scale: numberOrNull("guidance"), n: numberOrNull("n"),
-    width: numberOrNull("width"), height: numberOrNull("height"), seed: numberOrNull("seed"), format: "json",
-  };
-  for (const k of Object.keys(body)) if (body[k] === null) delete body[k];
+async function connect() {
+  pause();
+  window.ct2iCaller = null;
+  $("key-error").textContent = "";
+  let usage = null;
   try {
-    const result = await api("/v1/generate", { method: "POST", body: JSON.stringify(body) });
-    const box = $("images");
-    box.replaceChildren();
-    result.images.forEach((b64, i) => {
-      const img = new Image();
-      img.src = "data:image/png;base64," + b64;
-      img.alt = `seed ${result.seeds[i]}`;
-      img.title = `seed ${result.seeds[i]}`;
-      img.className = "generated";
-      box.append(img);
-    });
-    $("status").textContent = `${result.images.length} image(s), seed ${result.seed}, ` +
-      `${((performance.now() - started) / 1000).toFixed(2)} s`;
-  } catch (err) {
-    $("status").textContent = "";
-    $("error").textContent = err.message;
-  } finally {
-    $("generate").disabled = false;
-  }
-}
-
-async function refreshTunings() {
-  let jobs;
-  try { jobs = await api("/v1/tunings?limit=20"); } catch (_) { return; }
-  const rows = jobs.map((job) => {
-    const tr = document.createElement("tr");
-    const bar = document.createElement("progress");
-    bar.max = Math.max(1, job.progress.total_steps);
-    bar.value = job.progress.step;
-    const cells = [job.id, job.name, job.state + (job.queue_reason ? ` (${job.queue_reason})` : ""), bar,
-      job.adapter_id || ""];
-    for (const cell of cells) {
-      const td = document.createElement("td");
-      if (cell instanceof Node) {
-        td.append(cell, ` ${job.progress.step}/${job.progress.total_steps}`);
-      } else {
-        td.textContent = cell;
-      }
-      tr.append(td);
+    const me = await api("/v1/me");
+    window.ct2iCaller = me;
+    localStorage.setItem(KEY_STORE, apiKey());
+    if (me.scope === "admin") {
+      window.ct2iTenant = "";
+      $("whoami").textContent = `admin key ${me.key_id}: every tenant's tunings and queue`;
+    } else {
+      usage = await api("/v1/usage");
+      window.ct2iTenant = usage.tenant;
+      $("whoami").textContent = `tenant ${usage.tenant}: ${usage.running_jobs} running, ${usage.queued_jobs} queued, ` +
+        `${usage.adapters} adapter(s), ${(usage.gpu_seconds_30d / 3600).toFixed(2)} of ${usage.gpu_hours_budget_30d} GPU-hours (30 days)`;
+      renderSpec();
+      await loadAdapters();
     }
-    return tr;
-  });
-  const body = $("tunings");
-  if (rows.length) body.replaceChildren(...rows);
-  else body.innerHTML = '<tr><td colspan="5" class="muted">no tunings yet</td></tr>';
+  } catch (err) {
+    $("whoami").textContent = "";
+    $("key-error").textContent = err.status === 401 ? `${err.message}: enter a valid key` : err.message;
+    showTab(currentTab);
+    return;
+  }
+  startPolling();
+  showTab(window.ct2iCaller.scope === "admin" ? "admin" : currentTab);
 }
+window.ct2iConnect = connect;
 
+for (const tab of ["create", "watch", "use", "account", "admin"]) $(`tab-${tab}`).addEventListener("click", () => showTab(tab));
 $("connect").addEventListener("click", connect);
-$("generate").addEventListener("click", generate);
-$("adapter").addEventListener("change", showTokens);
 $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });
+initCreate();
+initWatch();
+initUse();
+initAccount();
+showTab("create");
 const saved = localStorage.getItem(KEY_STORE);
 if (saved) { $("key").value = saved; connect(); }

@@ -91,7 +91,7 @@ def lora_form(request, lora_adapter_dir, compressed_dir):
 
 def test_readme_snippet_reproduces_ct2i_generate(lora_form, tmp_path, monkeypatch):
     """Bitwise for the LoRA tune (fused); within one level for the compressed tune, whose bias changes peft cannot fuse."""
-    from cluster.cli import main
+    from ct2i.cli import main
 
     export_dir = tmp_path / "export"
     write_export(lora_form, "diffusers", export_dir)

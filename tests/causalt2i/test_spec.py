@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from causalt2i.spec import SpecError, load_spec, parse_spec
-from cluster.cli import main
+from ct2i.cli import main
 
 
 def _mutations():
@@ -32,6 +32,15 @@ def _mutations():
         ("bad param mode", lambda d: d["train"].update(param_mode="half"), "train.param_mode"),
         ("LoRA dropout of 1", lambda d: d["train"].update(lora_dropout=1.0), "train.lora_dropout"),
         ("LoRA alpha of 0", lambda d: d["train"].update(lora_alpha=0), "train.lora_alpha"),
+        # issue 13: lax values a YAML spec used to get through
+        ("steps true", lambda d: d["train"].update(steps=True), "train.steps"),
+        ("steps as a string", lambda d: d["train"].update(steps="4"), "train.steps"),
+        ("steps 2**62", lambda d: d["train"].update(steps=2**62), "train.steps"),
+        ("seed 10**30", lambda d: d["train"].update(seed=10**30), "train.seed"),
+        ("checkpoint_every 10**30", lambda d: d["train"].update(checkpoint_every=10**30), "train.checkpoint_every"),
+        ("alpha infinite", lambda d: d["train"].update(alpha=float("inf")), "train.alpha"),
+        ("lr NaN", lambda d: d["train"].update(lr=float("nan")), "train.lr"),
+        ("workers true", lambda d: d.setdefault("resources", {}).update(num_workers=True), "resources.num_workers"),
     ]
 
 
@@ -79,3 +88,16 @@ def test_relative_image_paths_resolve_against_the_spec_file(synthetic_spec_path)
     for subject in spec.subjects:
         for image in subject.images:
             assert image.startswith(str(synthetic_spec_path.parent))
+
+
+def test_a_key_given_twice_is_refused_naming_it(synthetic_spec_path):
+    text = synthetic_spec_path.read_text()
+    assert text.startswith("name:") or "\nname:" in text
+    spec_path = synthetic_spec_path.parent / "twice.yaml"
+    spec_path.write_text(text.rstrip("\n") + "\nname: other\n")  # PyYAML alone would keep `other` silently
+    try:
+        with pytest.raises(SpecError) as info:
+            load_spec(spec_path)
+    finally:
+        spec_path.unlink()
+    assert info.value.field == "name" and "more than once" in info.value.message

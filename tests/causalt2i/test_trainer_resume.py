@@ -43,7 +43,7 @@ def straight_run(resume_spec_path, tmp_path_factory):
 
 def _ct2i(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "ct2i.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _assert_same_run(resumed_dir: Path, straight: dict) -> None:
@@ -94,7 +94,7 @@ def test_resume_after_sigterm_equals_a_straight_run(resume_spec_path, straight_r
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(resume_spec_path, tmp_path, capsys):
-    from cluster.cli import main
+    from ct2i.cli import main
 
     out = tmp_path / "run"
     assert main(["train", str(resume_spec_path), "--out", str(out), "--max-steps", "1"]) == 3

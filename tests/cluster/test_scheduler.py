@@ -10,11 +10,9 @@ from sqlalchemy import insert, select, update
 from cluster.db import Adapter, Job, UsageRecord
 from cluster.runner import InlineRunner
 from cluster.scheduler import Scheduler
-from tests.cluster.conftest import submit_simple
-from tests.cluster.conftest import wait_for
-from tests.cluster.fake_trainer import FakeTrainer
-
-
+from causalt2i.adapter import load_adapter
+from tests.cluster.conftest import submit_simple, wait_for, with_timing
+from tests.cluster.fake_trainer import FAKE_FINGERPRINT, FakeTrainer, ThreadGate
 
 
 def run_until_idle(scheduler: Scheduler, plane, timeout=20.0):
@@ -25,7 +23,7 @@ def run_until_idle(scheduler: Scheduler, plane, timeout=20.0):
 
 
 def _scheduler(settings, plane, runner=None, capacity=4):
-    settings = settings.model_copy(update={"heartbeat_seconds": 0.2, "lease_seconds": 2.0, "progress_write_seconds": 0.0})
+    settings = with_timing(settings, heartbeat_seconds=0.2, lease_seconds=2.0, progress_write_seconds=0.0)
     return Scheduler(settings, runner or InlineRunner(FakeTrainer()), capacity_gpus=capacity)
 
 
@@ -46,9 +44,12 @@ def test_job_runs_to_a_registered_adapter_with_usage(settings, plane):
     with plane.db.read() as session:
         usage = session.execute(select(UsageRecord)).scalars().all()
     assert sorted(u.job_id for u in usage) == sorted(jobs)
-    # The registered adapter is readable and verified through the store.
-    data = plane.adapter_file("acme", adapters[0].id, "adapter.safetensors")
-    assert data.startswith(b"weights of acme/pets")
+    # The registered adapter is readable and verified through the store, and the real loader accepts it.
+    assert plane.adapter_file("acme", adapters[0].id, "adapter.safetensors")
+    fetched = plane.store.path("acme", *plane.store.parse_uri(adapters[0].uri, "acme"))
+    adapter = load_adapter(fetched)
+    assert (adapter.manifest.tenant, adapter.manifest.name, adapter.manifest.base_fingerprint) == ("acme", "pets", FAKE_FINGERPRINT)
+    assert adapter.manifest.tokens == ["<s1>"] and adapters[0].base_model == "tiny"
 
 
 def test_tenant_at_concurrency_limit_stays_queued_while_another_runs(settings, plane):
@@ -59,13 +60,15 @@ def test_tenant_at_concurrency_limit_stays_queued_while_another_runs(settings, p
     blocker = submit_simple(plane, "busy")
     waiting = submit_simple(plane, "busy")
     other = submit_simple(plane, "other")
-    scheduler = _scheduler(settings, plane, runner=InlineRunner(FakeTrainer(step_seconds=0.5)))
+    gate = ThreadGate()
+    scheduler = _scheduler(settings, plane, runner=InlineRunner(FakeTrainer(gate)))
     scheduler.tick()
     assert wait_for(lambda: plane.get_job("other", other.id).state == "running")
     assert plane.get_job("busy", blocker.id).state in ("admitted", "running")
     job = plane.get_job("busy", waiting.id)
     assert job.state == "queued"
     assert job.queue_reason == "tenant at its concurrency limit: 1 of 1 jobs running"
+    gate.open()
     run_until_idle(scheduler, plane, timeout=30)
     assert plane.get_job("busy", waiting.id).state == "succeeded"
 
@@ -74,11 +77,11 @@ def test_tenant_over_gpu_hour_budget_is_not_admitted_with_reason(settings, plane
     from cluster.schemas import Quotas
 
     plane.create_tenant("spent", Quotas(gpu_hours_per_30d=1.0))
+    job = submit_simple(plane, "spent")  # queued while budget remained; spent (by other jobs) before it is admitted
     with plane.db.write() as session:
         now = time.time()
         session.execute(insert(UsageRecord).values(tenant="spent", job_id="job-old", attempt=1, gpu_seconds=3700.0,
                                                    started_at=now - 4000, ended_at=now - 300))
-    job = submit_simple(plane, "spent")
     scheduler = _scheduler(settings, plane)
     scheduler.tick()
     view = plane.get_job("spent", job.id)
@@ -142,13 +145,17 @@ def test_job_that_keeps_vanishing_fails_after_max_attempts(settings, plane):
 def test_cancel_stops_the_run_and_frees_capacity(settings, plane):
     plane.create_tenant("acme")
     long_job = submit_simple(plane, "acme", train={"resolution": 64, "steps": 200})
-    scheduler = _scheduler(settings, plane, runner=InlineRunner(FakeTrainer(step_seconds=0.05)), capacity=1)
+    gate = ThreadGate(allowed=2)
+    scheduler = _scheduler(settings, plane, runner=InlineRunner(FakeTrainer(gate)), capacity=1)
     scheduler.tick()
     assert wait_for(lambda: plane.get_job("acme", long_job.id).progress.step >= 2)
     next_job = submit_simple(plane, "acme")
     scheduler.tick()
     assert plane.get_job("acme", next_job.id).state == "queued"
     plane.cancel_job("acme", long_job.id)
+    # The run learns of the cancel from its next heartbeat, while its step 3 waits at the gate: it stops there.
+    assert wait_for(lambda: not any(run.thread.is_alive() for run in scheduler.handles.values()))
+    gate.open()
     run_until_idle(scheduler, plane)
     assert plane.get_job("acme", long_job.id).state == "cancelled"
     assert plane.get_job("acme", next_job.id).state == "succeeded"
@@ -156,4 +163,67 @@ def test_cancel_stops_the_run_and_frees_capacity(settings, plane):
     from cluster.runner import run_dir_for
 
     log = (run_dir_for(plane, "acme", long_job.id) / "trainer" / "steps.log").read_text()
-    assert int(log.strip().splitlines()[-1].split()[1]) < 200  # the run stopped itself
+    assert log.strip().splitlines()[-1] == "step 2"  # the run stopped itself, at the gate of step 3
+
+
+class _SearchLikeTrainer:
+    """A TrainFn that reports as a search does, with its trials' own steps interleaved in every order: trials
+    ending, a trial's step before and after the last trial ended, and a result that names the best trial's
+    steps (as `tune.search.run_search` returns)."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int]] = []
+
+    def __call__(self, spec, run_dir, ctx):
+        from causalt2i.callbacks import StepInfo
+        from causalt2i.trainer import TrainResult
+
+        sink, plane = ctx.progress, ctx.progress.plane
+
+        def row():
+            view = plane.get_job(ctx.tenant, ctx.job_id)
+            return view.progress.step, view.progress.total_steps
+
+        def trial_step(step):
+            sink.on_step(StepInfo(step=step, total_steps=2, loss=0.5, terms={}, seconds_per_step=0.0, eta_seconds=0.0))
+
+        self.seen.append(row())
+        trial_step(1)
+        trial_step(2)
+        self.seen.append(row())
+        sink.on_trials(1, 3, 0.4)
+        self.seen.append(row())
+        trial_step(2)
+        sink.on_trials(3, 3, 0.3)
+        trial_step(2)  # a straggling trial report after the last trial ended
+        self.seen.append(row())
+        result = FakeTrainer()(spec.model_copy(update={"search": None, "train": spec.train.model_copy(update={"steps": 2})}),
+                               run_dir, _StepsIgnored(ctx))
+        return TrainResult(adapter_dir=result.adapter_dir, step=2, total_steps=2, stopped_early=False)
+
+
+class _StepsIgnored:
+    """The fake trainer's view of the context, with its steps going nowhere (it stands in for the best trial)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.progress = ctx.progress
+
+    def cancelled(self):
+        return self._ctx.cancelled()
+
+
+def test_a_search_reports_trials_not_trial_steps_whatever_the_order(settings, plane):
+    """The job's progress of a search counts trials, from submit (0/3) to success (3/3): a trial's steps reach
+    the row in no order, and the final write is the search's count, not the best trial's steps."""
+    plane.create_tenant("acme")
+    search = {"num_samples": 3, "max_concurrent": 1, "alpha_scale": {"loguniform": [0.1, 10.0]}}
+    job = submit_simple(plane, "acme", search=search)
+    assert (plane.get_job("acme", job.id).progress.total_steps) == 3
+    trainer = _SearchLikeTrainer()
+    run_until_idle(_scheduler(settings, plane, InlineRunner(trainer)), plane)
+    done = plane.get_job("acme", job.id)
+    assert done.state == "succeeded", done.error
+    assert trainer.seen == [(0, 3), (0, 3), (1, 3), (3, 3)]
+    assert (done.progress.step, done.progress.total_steps) == (3, 3)
+

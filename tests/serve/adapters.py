@@ -9,13 +9,12 @@ Publishing mirrors `cluster.runner._train_and_publish`: store.publish_dir, then 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from causalt2i.adapter import TE1_ROWS, TE2_ROWS, save_adapter
+from causalt2i.adapter import TE1_ROWS, TE2_ROWS, save_adapter, verify_adapter
 from causalt2i.models import attn2_state, load_sdxl
 from cluster.registry import new_adapter_id, register_adapter_version
 from cluster.service import ControlPlane
@@ -45,7 +44,7 @@ def write_adapter(out: Path, *, tenant: str, name: str, seed: int, subjects: lis
 
 def publish(plane: ControlPlane, tenant: str, name: str, adapter_dir: Path) -> str:
     """Publish `adapter_dir` as the next version of `tenant/name`; returns its adapter id."""
-    manifest = json.loads((adapter_dir / "manifest.json").read_text())
+    manifest = verify_adapter(adapter_dir)
     adapter_id = new_adapter_id()
     published = plane.store.publish_dir(tenant, ("adapters", adapter_id), adapter_dir)
     with plane.db.write() as session:

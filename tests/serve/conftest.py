@@ -1,5 +1,5 @@
-"""One local Serve application for the whole package: Ray (num_cpus=2, no auth, no dashboard) on 127.0.0.1,
-a fresh control plane (SQLite + local store) with five tenants, their keys and published adapters.
+"""One local Serve application for the whole package, on the session's Ray (`ray_cluster`): a fresh control
+plane (SQLite + local store) with five tenants, their keys and published adapters.
 
 The generator is deliberately small: 2 adapter slots (Serve's multiplexing LRU) and a host cache of 2.5
 adapters' bytes, so cycling three adapters evicts in both tiers.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import contextlib
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,26 +76,26 @@ def wait_healthy(base_url: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{base_url}/healthz did not answer within {timeout_s} s")
 
 
-def start_local_ray(attempts: int = 3) -> None:
-    """A fresh cluster of our own (address="local": never one another process started with `ray start`).
+@contextlib.contextmanager
+def asgi_on_loopback(app):
+    """`app` served by uvicorn on a free loopback port, on a thread, until the block ends; yields its base URL."""
+    import uvicorn
 
-    Retried: on a machine shared with other Ray clusters the raylet can time out waiting for its agents.
-    """
-    import ray
-
-    for attempt in range(attempts):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == attempts - 1:
-                raise
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="package")
-def serving(tmp_path_factory) -> Serving:
-    import ray
+def serving(tmp_path_factory, ray_cluster) -> Serving:
     from ray import serve
 
     from causalt2i.adapter import load_adapter
@@ -104,6 +106,7 @@ def serving(tmp_path_factory) -> Serving:
     settings = ControlPlaneSettings(home=work / "home", database_url=f"sqlite:///{work / 'ct2i.db'}",
                                     artifacts_uri=str(work / "artifacts"), capacity_gpus=1)
     plane = ControlPlane.open(settings)
+    probe = write_adapter(work / "adapters" / "probe", tenant="probe", name="probe", seed=0)
     keys: dict[str, str] = {}
     adapters: dict[str, str] = {}
     dirs: dict[str, Path] = {}
@@ -113,23 +116,16 @@ def serving(tmp_path_factory) -> Serving:
         source = write_adapter(work / "adapters" / tenant, tenant=tenant, name="pets", seed=index + 1)
         adapters[tenant] = publish(plane, tenant, "pets", source)
         dirs[adapters[tenant]] = source
-    cache_bytes = int(load_adapter(source).nbytes * 2.5)
+    cache_bytes = int(load_adapter(probe).nbytes * 2.5)
+    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"cache_bytes": cache_bytes,
+                                                                                      "max_adapters": ADAPTER_SLOTS})})
+    plane.settings = settings
     print(f"adapters published in {time.perf_counter() - started:.1f} s")
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    # On a loaded 2-core machine Serve's proxy can take longer than its 5 s ready check to start, and is then
-    # killed and serve.start fails; the controller (started by ray.init) reads these from its environment.
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
-    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
-    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    start_local_ray()
     port = free_port()
-    print(f"ray up in {time.perf_counter() - started:.1f} s")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"serve up in {time.perf_counter() - started:.1f} s")
-        serve.run(build_app(settings, max_adapters=ADAPTER_SLOTS, cache_bytes=cache_bytes, batch_wait_s=0.02,
+        serve.run(build_app(settings, batch_wait_s=0.02,
                             generator_options={"ray_actor_options": {"num_cpus": 1, "num_gpus": 0}, "health_check_timeout_s": 120},
                             ingress_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}),
                   name=APP_NAME, route_prefix="/")
@@ -141,7 +137,6 @@ def serving(tmp_path_factory) -> Serving:
                       cache_bytes=cache_bytes, work=work)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 class References:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -65,6 +67,30 @@ def test_unloading_the_applied_adapter_restores_the_base(engine):
     served.__del__()
     served.__del__()  # Serve calls it on eviction, Python again at collection: only the first counts
     assert "a" not in engine.cache and engine.stats()["active"] is None
+    assert all(torch.equal(base_state[k], v) for k, v in engine.generator.host._live.items())
+
+
+def test_unloading_during_a_pass_does_not_wait_for_it_and_the_pass_restores_the_base(engine):
+    """Serve unloads while it holds its model-cache lock: waiting for the pass there would hold back every other
+    adapter's load, so each pass would find one new adapter queued and tenants would never share a pass."""
+    base_state = {k: v.clone() for k, v in engine.generator.host._live.items()}
+    engine.run("a", [GenerationRequest(**REQUEST, seed=0)])
+    served = ServedAdapter(engine, "a", engine.adapter("a"))
+    long_pass = threading.Thread(target=engine.run, args=("a", [GenerationRequest(**{**REQUEST, "steps": 40}, seed=1)]))
+    long_pass.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not engine.lock.locked():
+            assert time.monotonic() < deadline, "the pass never took the engine"
+            time.sleep(0.001)
+        started = time.monotonic()
+        served.__del__()
+        returned_after = time.monotonic() - started
+        assert engine.lock.locked(), f"unload returned after {returned_after:.2f} s, only once the pass had ended"
+        assert "a" not in engine.cache and engine.stats()["active"] == "a"  # the running pass keeps its weights
+    finally:
+        long_pass.join()
+    assert engine.stats()["active"] is None  # restored by the pass as it released the engine
     assert all(torch.equal(base_state[k], v) for k, v in engine.generator.host._live.items())
 
 

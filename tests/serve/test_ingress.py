@@ -126,7 +126,7 @@ def test_generator_refusals_become_http_errors_naming_the_field(plane):
     client = make_client(plane, FakeGenerator(Refusal(422, "width", "must be within 32..256")))
     response = client.post("/v1/generate", json={"adapter": "base", "prompt": "x", "width": 512},
                            headers={"Authorization": f"Bearer {key}"})
-    assert response.status_code == 422 and response.json()["detail"] == {"field": "width", "message": "must be within 32..256"}
+    assert response.status_code == 422 and response.json()["detail"] == {"field": "width", "message": "must be within 32..256", "code": "invalid_field"}
     images = client.post("/v1/images/generations", json={"model": "base", "prompt": "x", "size": "512x512"},
                          headers={"Authorization": f"Bearer {key}"})
     assert images.status_code == 422 and images.json()["error"]["param"] == "width"

@@ -1,11 +1,9 @@
-"""One local Ray per test module (num_cpus=2), and a control plane on SQLite in a temp folder."""
+"""The tuning tests' control plane (SQLite in a temp folder); Ray is the session's (`ray_cluster`)."""
 
 from __future__ import annotations
 
 import io
-import os
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,35 +11,13 @@ from PIL import Image
 from cluster.config import ControlPlaneSettings
 from cluster.service import ControlPlane
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def start_ray(**kwargs) -> None:
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    # Train workers compile DeepSpeed's small CPU op once; keep the build between tests and runs.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ct2i-torch-extensions"))
-    # address="local": always a fresh cluster of our own, never one that `ray start` left running.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    start_ray()
-    yield
-    ray.shutdown()
-
 
 @pytest.fixture
 def settings(tmp_path) -> ControlPlaneSettings:
     return ControlPlaneSettings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'ct2i.db'}",
-                                artifacts_uri=str(tmp_path / "artifacts"), capacity_gpus=2, tick_seconds=0.2,
-                                heartbeat_seconds=0.5, lease_seconds=60.0, progress_write_seconds=0.0)
+                                artifacts_uri=str(tmp_path / "artifacts"), capacity_gpus=2,
+                                scheduler={"tick_seconds": 0.2, "heartbeat_seconds": 0.5, "lease_seconds": 60.0,
+                                           "progress_write_seconds": 0.0})
 
 
 @pytest.fixture

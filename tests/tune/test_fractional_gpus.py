@@ -8,19 +8,11 @@ import pytest
 
 from cluster.runner import RayTaskRunner
 from cluster.scheduler import Scheduler
-from tests.cluster.fake_trainer import FakeTrainer
-from tests.tune.conftest import png_bytes, start_ray
+from tests.cluster.fake_trainer import FakeTrainer, FileGate
+from tests.tune.conftest import png_bytes
 
+# The session's Ray has one logical GPU: Ray schedules against it; nothing touches CUDA.
 pytestmark = [pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def ray_with_one_fake_gpu():
-    import ray
-
-    start_ray(num_gpus=1)  # a logical GPU: Ray schedules against it; nothing touches CUDA
-    yield
-    ray.shutdown()
 
 
 def _spec(tenant: str) -> dict:
@@ -30,7 +22,7 @@ def _spec(tenant: str) -> dict:
             "resources": {"num_workers": 1, "gpus_per_worker": 0.5, "cpus_per_worker": 0.5}}
 
 
-def test_two_half_gpu_jobs_run_together_and_a_third_waits(ray_with_one_fake_gpu, settings, plane):
+def test_two_half_gpu_jobs_run_together_and_a_third_waits(ray_cluster, settings, plane, tmp_path):
     import ray
 
     settings = settings.model_copy(update={"capacity_gpus": None})  # capacity = the cluster's GPUs
@@ -39,7 +31,7 @@ def test_two_half_gpu_jobs_run_together_and_a_third_waits(ray_with_one_fake_gpu,
         plane.create_tenant(tenant)
         plane_jobs.append(plane.submit(tenant, _spec(tenant), {"a.png": png_bytes((200, 50, 50))}).id)
         time.sleep(0.01)  # distinct submission times: FIFO order is then the list order
-    scheduler = Scheduler(settings, RayTaskRunner(FakeTrainer(step_seconds=0.05), num_cpus=0.5))
+    scheduler = Scheduler(settings, RayTaskRunner(FakeTrainer(FileGate(tmp_path / "gate")), num_cpus=0.5))  # they hold at step 1
     assert scheduler.capacity_gpus() == 1.0
     deadline = time.time() + 120
     states = []

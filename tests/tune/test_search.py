@@ -40,6 +40,34 @@ def _spec(search: dict | None = None, **train):
     return parse_spec(data, check_files=False)
 
 
+# ------------------------------------------------------------------------------------ the alpha axis
+
+
+def test_under_alpha_auto_the_search_samples_a_multiplier_of_the_calibrated_alpha():
+    from tune.search import param_space, trial_spec
+
+    auto = _spec({})
+    assert auto.alpha_axis[0] == "alpha_scale" and auto.alpha_axis[1].loguniform == (0.1, 10.0)
+    assert set(param_space(auto)) == {"alpha_scale", "lambda_attn", "guidance_scale"}
+    trial = trial_spec(auto, {"alpha_scale": 2.5, "lambda_attn": 0.5, "guidance_scale": 5.0})
+    assert trial.train.alpha == "auto" and trial.train.alpha_scale == 2.5 and trial.search is None
+    fixed = _spec({}, alpha=1e-3)
+    assert fixed.alpha_axis[0] == "alpha" and set(param_space(fixed)) == {"alpha", "lambda_attn", "guidance_scale"}
+    trial = trial_spec(fixed, {"alpha": 5e-3, "lambda_attn": 0.5, "guidance_scale": 5.0})
+    assert trial.train.alpha == 5e-3 and trial.train.alpha_scale == 1.0
+
+
+@pytest.mark.parametrize(("search", "train", "field"), [
+    ({"alpha": {"loguniform": [1e-4, 1e-2]}}, {}, "search.alpha"),  # absolute α next to auto: the calibration thrown away
+    ({"alpha_scale": {"loguniform": [0.1, 10]}}, {"alpha": 1e-3}, "search.alpha_scale"),
+    (None, {"alpha": 1e-3, "alpha_scale": 2.0}, "train.alpha_scale"),
+])
+def test_an_alpha_axis_that_does_not_fit_train_alpha_is_refused_naming_the_field(search, train, field):
+    with pytest.raises(SpecError) as err:
+        _spec(search, **train)
+    assert err.value.field == field
+
+
 # ------------------------------------------------------------------------------------ score formula
 
 
@@ -146,20 +174,23 @@ def test_trial_records_tell_finished_early_stopped_and_failed_trials_apart():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_search_of_three_trials_publishes_the_best_trials_adapter_with_its_record(local_ray, settings, plane, tmp_path):
+def test_a_search_of_three_trials_publishes_the_best_trials_adapter_with_its_record(ray_cluster, settings, plane, tmp_path):
+    """Through the control plane and the Ray Train runner, with trials that train in process (a TorchTrainer per
+    trial is covered by tests/tune/test_ray_train.py's run of the same builder)."""
     from causalt2i.adapter import load_adapter
     from cluster.scheduler import Scheduler
-    from tune.runner import ray_train_runner, storage_path
+    from tune.runner import RayTrainFn, ray_train_runner
+    from tune.train_run import storage_path
 
     plane.create_tenant("acme")
     spec, images = two_subject_spec("acme", "cat-dog", steps=2, checkpoint_every=1, num_workers=1)
     # grace_period = steps: ASHA may not stop a trial here, so all three are scored (its stopping rule is
     # tested above without Ray).
-    spec["search"] = {"num_samples": 3, "max_concurrent": 2, "alpha": {"loguniform": [1.0e-4, 1.0e-2]},
+    spec["search"] = {"num_samples": 3, "max_concurrent": 2, "alpha_scale": {"loguniform": [0.1, 10.0]},
                       "lambda_attn": {"uniform": [0.1, 2.0]}, "guidance_scale": {"choice": [1.0, 5.0]},
                       "eval_prompts": 1, "eval_seeds": [0, 1], "eval_steps": 2, "grace_period": 2}
     job = plane.submit("acme", spec, images)
-    run_until_done(Scheduler(settings, ray_train_runner()), plane, [job.id], timeout=840)
+    run_until_done(Scheduler(settings, ray_train_runner(RayTrainFn(trials="in_process"))), plane, [job.id], timeout=840)
 
     done = plane.get_job("acme", job.id)
     assert done.state == "succeeded", done.error
@@ -170,17 +201,18 @@ def test_a_search_of_three_trials_publishes_the_best_trials_adapter_with_its_rec
     assert len(record.trials) == 3 and len({t.trial_id for t in record.trials}) == 3
     for trial in record.trials:
         assert trial.status == "finished", trial
-        assert 1.0e-4 <= trial.config["alpha"] <= 1.0e-2 and 0.1 <= trial.config["lambda_attn"] <= 2.0
+        assert 0.1 <= trial.config["alpha_scale"] <= 10.0 and 0.1 <= trial.config["lambda_attn"] <= 2.0
         assert trial.config["guidance_scale"] in (1.0, 5.0)
         assert trial.score == pytest.approx(trial_score(trial.metrics, record.score_weights), abs=1e-9)
     best = max(record.trials, key=lambda t: t.score)
     assert record.best_trial_id == best.trial_id and record.best_score == best.score
 
     adapter = load_adapter(local)
-    assert adapter.manifest.training["alpha"] == best.config["alpha"]
+    assert adapter.manifest.training["alpha_scale"] == best.config["alpha_scale"] and adapter.manifest.alpha > 0
     assert adapter.manifest.training["lambda_attn"] == best.config["lambda_attn"]
     experiment = Path(storage_path(settings.artifacts_uri)) / record.run
     trial_weights = list(experiment.glob(f"*{best.trial_id}*/checkpoint_*/adapter/adapter.safetensors"))
+    assert done.progress.step == 3 and done.progress.total_steps == 3  # a search's progress counts trials
     assert len(trial_weights) == 1, f"expected the best trial's own checkpoint under {experiment}"
     assert sha256_file(local / "adapter.safetensors") == sha256_file(trial_weights[0])
 
@@ -196,8 +228,8 @@ def test_the_fence_stopper_stops_the_run_when_the_fence_does_and_its_pickled_cop
     from tune.search import FenceStopper
 
     lost = threading.Event()
-    fence = SimpleNamespace(should_stop=lost.is_set, lock=threading.Lock())  # a lock does not pickle, as a real fence
-    stopper = FenceStopper(fence)
+    ctx = SimpleNamespace(cancelled=lost.is_set, lock=threading.Lock())  # a lock does not pickle
+    stopper = FenceStopper(ctx)
     assert stopper.stop_all() is False and stopper("trial", {}) is False
     lost.set()
     assert stopper.stop_all() is True
