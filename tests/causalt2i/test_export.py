@@ -58,7 +58,7 @@ def load_embeddings(pipe, export_dir, tokens) -> None:
         rows = load_file(export_dir / EMBEDDINGS_DIR / f"{embedding_stem(token)}.safetensors")
         pipe.load_textual_inversion(rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-    # Pool at the real EOS (a no-op while the tiny configs carry EOS itself; needed under SDXL's legacy id 2).
+    # Pool at the real EOS: the tiny configs carry SDXL's legacy `eos_token_id: 2`, as a plain pipeline would (docs/clients.md).
     for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
         encoder.config.eos_token_id = tokenizer.eos_token_id
         getattr(encoder, "text_model", encoder).eos_token_id = tokenizer.eos_token_id
