@@ -67,14 +67,8 @@ class _NoopRunner:
     def poll(self, handle):
         return None
 
-    def cancel(self, handle, *, force=False):
+    def cancel(self, handle):
         pass
-
-    def adopt(self, settings, job_id, tenant, attempt):
-        return None
-
-    def sweep(self, settings, tracked):
-        return []
 
 
 def _seed_database(plane, rng) -> None:

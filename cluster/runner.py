@@ -1,5 +1,5 @@
 """Running an admitted job: the `TrainFn` seam, the attempt's context, the run body `execute_attempt`, and the
-runners that launch it (`RayTaskRunner`: a Ray task per attempt owned by a detached launcher actor, so it outlives its scheduler; `InlineRunner`; `tune.runner` adds the Ray Train one).
+runners that launch it (`RayTaskRunner`, `InlineRunner`; `tune.runner` adds the Ray Train one).
 
 A run owns its job row only while `state = 'running' AND attempts = <its attempt>` holds: every write it
 makes (progress, heartbeat, the final state) goes through its `ProgressSink` and is conditional on that, so a
@@ -23,7 +23,6 @@ compression that fails fails the job: the spec asked for both versions.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import threading
 import time
@@ -44,8 +43,6 @@ from cluster.registry import AdapterQuotaExceeded, new_adapter_id, register_adap
 from cluster.quotas import budget_spent_reason, charge_attempt
 from cluster.service import INPUTS, ControlPlane
 from cluster.states import add_event, end_attempt, transition
-
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from causalt2i.trainer import TrainResult
@@ -271,21 +268,9 @@ class Runner(Protocol):
     def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any: ...
 
     def poll(self, handle: Any) -> str | None:
-        """None while the run is alive; "" once it returned; else a description of how it died. Once it says
-        the run is over, whatever hosted it is released."""
+        """None while the run is alive; "" once it returned; else a description of how it died."""
 
-    def cancel(self, handle: Any, *, force: bool = False) -> None:
-        """The attempt's row is no longer its own (cancelled, ended, requeued). A started run notices that at its
-        next heartbeat and stops itself, and one not started yet is fenced off the row when it starts, so without
-        `force` this may only speed that up; `force` ends the host whatever it is doing (one that outlived its
-        grace)."""
-
-    def adopt(self, settings: ControlPlaneSettings, job_id: str, tenant: str, attempt: int) -> Any | None:
-        """A handle on a run launched by an earlier scheduler that outlived it, or None if there is none."""
-
-    def sweep(self, settings: ControlPlaneSettings, tracked: set[tuple[str, int]]) -> list[tuple[tuple[str, int], Any]]:
-        """((job id, attempt), handle) of the runs this runner still hosts whose key is not in `tracked`: left
-        over from an earlier scheduler, for the caller to release like its own."""
+    def cancel(self, handle: Any) -> None: ...
 
 
 def run_dir_for(plane: ControlPlane, tenant: str, job_id: str) -> Path:
@@ -480,120 +465,11 @@ def _run_attempt_task(settings: ControlPlaneSettings, job_id: str, attempt: int,
     return execute_attempt(settings, job_id, attempt, train_fn=train_fn)
 
 
-class _AttemptLauncher:
-    """Submits the attempts' Ray tasks and owns them, so that they outlive the scheduler that asked for them.
-
-    A Ray task is owned by the process that submits it and dies with it: when the scheduler actor submitted them
-    itself, every running training lost its driver when the scheduler was killed or restarted, sat `running`
-    with frozen progress for a lease, and was requeued, spending an attempt and GPU time. This detached actor,
-    one per scheduler (`launcher_name`), does nothing but submit and hold the tasks; a restarted scheduler finds
-    it by name and adopts the runs it still holds. Tasks, not an actor per attempt: a task reuses a warm worker
-    (the trainer's imports already done), while every new actor is a fresh process that pays them again (~10 s
-    per attempt here, measured side by side). The launcher itself is lost only with its node, and then its runs
-    with it, as before: their jobs are retried from the last checkpoint after the lease.
-    """
-
-    def __init__(self):
-        import ray
-
-        self._runs: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._task = ray.remote(_run_attempt_task)
-
-    def launch(self, name: str, options: dict, settings: ControlPlaneSettings, job_id: str, attempt: int,
-               train_fn: TrainFn | None) -> None:
-        import ray
-
-        with self._lock:
-            if name not in self._runs:  # a retried launch must not start a second run
-                task = self._task.options(name=name, max_retries=0, **options)
-                self._runs[name] = task.remote(settings, job_id, attempt, train_fn)
-
-    def poll(self, name: str) -> str | None:
-        """None while the run is going; "" once it returned; else how it died. A finished run is forgotten."""
-        import ray
-
-        with self._lock:
-            ref = self._runs.get(name)
-        if ref is None:
-            return "the launcher holds no such run (it was restarted, and its runs were lost with it)"
-        ready, _ = ray.wait([ref], timeout=0)
-        if not ready:
-            return None
-        try:
-            ray.get(ref)
-            outcome = ""
-        except Exception as err:  # the worker died (OOM, node lost) or the task errored outside training
-            outcome = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
-        with self._lock:
-            self._runs.pop(name, None)
-        return outcome
-
-    def end(self, name: str) -> None:
-        """End the run whatever it is doing: its worker process is killed (a pending task is dropped)."""
-        import ray
-
-        with self._lock:
-            ref = self._runs.get(name)
-        if ref is not None:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # already finished
-                pass
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._runs)
-
-
-ATTEMPT_RUN_MARK = ":attempt:"
-
-
-def launcher_name(settings: ControlPlaneSettings) -> str:
-    return f"{settings.scheduler_name}:launcher"
-
-
-def attempt_run_name(settings: ControlPlaneSettings, tenant: str, job_id: str, attempt: int) -> str:
-    """The run's task name: unique per attempt, and scoped to the scheduler (two control planes on one Ray
-    cluster each adopt only their own)."""
-    return f"{settings.scheduler_name}{ATTEMPT_RUN_MARK}{tenant}/{job_id}#{attempt}"
-
-
-def parse_attempt_run_name(settings: ControlPlaneSettings, name: str) -> tuple[str, int] | None:
-    """(job id, attempt) of one of this scheduler's run names, else None."""
-    prefix = settings.scheduler_name + ATTEMPT_RUN_MARK
-    if not name.startswith(prefix) or "#" not in name:
-        return None
-    owner_and_job, _, attempt = name[len(prefix):].rpartition("#")
-    job_id = owner_and_job.rpartition("/")[2]
-    return (job_id, int(attempt)) if job_id and attempt.isdigit() else None
-
-
-@dataclass
-class AttemptHandle:
-    """The scheduler's handle on one run. Every call to the launcher is asynchronous: a tick never waits on it
-    (a launcher just started, on a loaded node, takes tens of seconds to answer its first call)."""
-
-    name: str
-    launcher: Any  # the `_AttemptLauncher` actor that owns the run's task
-    launched: Any = None  # the launch call's ObjectRef, until it has answered
-    asked: Any = None  # the poll call in flight
-
-
-_LAUNCHER_CLASS = None
-# How long adoption and the sweep wait for the launcher to list its runs. A launcher that has not answered by then
-# is taken as holding none: its runs' jobs then go back to the queue after their lease (and a run that was in
-# fact alive is fenced off at its next write).
-LAUNCHER_LIST_TIMEOUT_S = 120.0
-
-
 class RayTaskRunner:
-    """Runs `execute_attempt` as one Ray task per attempt, submitted and owned by the scheduler's detached
-    launcher actor (`_AttemptLauncher`), so that runs outlive their scheduler; `train_fn` defaults to the
-    in-process trainer."""
+    """Runs `execute_attempt` as one Ray task per attempt; `train_fn` defaults to the in-process trainer."""
 
     def __init__(self, train_fn: TrainFn | None = None, num_cpus: float = 1.0, hold_gpus: bool = True,
-                 kind: str = "ray_task", beside_scheduler: bool = False):
+                 task_name: str = "ct2i-run", kind: str = "ray_task", beside_scheduler: bool = False):
         """`hold_gpus=False` (with `num_cpus=0`) when `train_fn` starts its own workers that hold the resources,
         as a Ray Train driver does. `beside_scheduler` runs each attempt task on the node of the process that
         launches it (the scheduler's: the head on KubeRay): a task that holds no resources would otherwise land
@@ -602,125 +478,46 @@ class RayTaskRunner:
         self.train_fn = train_fn
         self.num_cpus = num_cpus
         self.hold_gpus = hold_gpus
+        self.task_name = task_name
         self.kind = kind
         self.beside_scheduler = beside_scheduler
-        # One listing serves a whole reconcile (adoption asks once per job it holds no handle for).
-        self._listed: tuple[float, list[str] | None] = (float("-inf"), None)
 
-    @staticmethod
-    def launcher(settings: ControlPlaneSettings) -> Any:
-        """The scheduler's launcher actor, started if missing (looked up each time: a cached handle would outlive
-        a launcher that was ended)."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        global _LAUNCHER_CLASS
-        if _LAUNCHER_CLASS is None:
-            _LAUNCHER_CLASS = ray.remote(_AttemptLauncher)
-        # Beside the scheduler (soft): on KubeRay the head, which outlives the worker nodes' losses.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        return _LAUNCHER_CLASS.options(
-            name=launcher_name(settings), namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0, max_restarts=-1, max_concurrency=16, scheduling_strategy=here).remote()
-
-    def _names(self, launcher: Any) -> list[str] | None:
-        import ray
-
-        listed_at, names = self._listed
-        if time.monotonic() - listed_at < 1.0:
-            return names
-        try:
-            names = ray.get(launcher.names.remote(), timeout=LAUNCHER_LIST_TIMEOUT_S)
-        except Exception:  # not answering: see LAUNCHER_LIST_TIMEOUT_S
-            log.warning("the attempt launcher did not list its runs in %.0f s", LAUNCHER_LIST_TIMEOUT_S)
-            names = None
-        self._listed = (time.monotonic(), names)
-        return names
-
-    def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> AttemptHandle:
+    def launch(self, settings: ControlPlaneSettings, request: LaunchRequest) -> Any:
         import ray
 
         has_gpus = self.hold_gpus and ray.cluster_resources().get("GPU", 0) > 0
-        options: dict = {"num_cpus": self.num_cpus, "num_gpus": request.spec.resources.gpus_per_worker if has_gpus else 0}
+        placement = {}
         if self.beside_scheduler:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             # Soft: should this node be gone, the scheduler is too, and its successor launches again.
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        name, launcher = attempt_run_name(settings, request.tenant, request.job_id, request.attempt), self.launcher(settings)
-        launched = launcher.launch.remote(name, options, settings, request.job_id, request.attempt, self.train_fn)
-        return AttemptHandle(name=name, launcher=launcher, launched=launched)
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        task = ray.remote(_run_attempt_task).options(
+            num_cpus=self.num_cpus, num_gpus=request.spec.resources.gpus_per_worker if has_gpus else 0, max_retries=0,
+            name=f"{self.task_name}:{request.tenant}/{request.job_id}#{request.attempt}", **placement)
+        return task.remote(settings, request.job_id, request.attempt, self.train_fn)
 
-    def adopt(self, settings: ControlPlaneSettings, job_id: str, tenant: str, attempt: int) -> AttemptHandle | None:
-        name, launcher = attempt_run_name(settings, tenant, job_id, attempt), self.launcher(settings)
-        return AttemptHandle(name=name, launcher=launcher) if name in (self._names(launcher) or ()) else None
+    def poll(self, handle: Any) -> str | None:
+        import ray
 
-    def sweep(self, settings: ControlPlaneSettings, tracked: set[tuple[str, int]]) -> list[tuple[tuple[str, int], AttemptHandle]]:
-        found, launcher = [], self.launcher(settings)
-        for name in self._names(launcher) or ():
-            key = parse_attempt_run_name(settings, name)
-            if key is not None and key not in tracked:
-                found.append((key, AttemptHandle(name=name, launcher=launcher)))
-        return found
+        ready, _ = ray.wait([handle], timeout=0)
+        if not ready:
+            return None
+        try:
+            ray.get(handle)
+            return ""
+        except Exception as err:  # the worker died (OOM, node lost) or the task errored outside training
+            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
 
-    def poll(self, handle: AttemptHandle) -> str | None:
+    def cancel(self, handle: Any) -> None:
+        # The run stops itself within a heartbeat once its row is cancelled; this only speeds up a run that
+        # has not started yet.
         import ray
 
         try:
-            if handle.launched is not None:
-                if not ray.wait([handle.launched], timeout=0)[0]:
-                    return None  # not submitted yet: the launcher is still starting
-                ray.get(handle.launched)
-                handle.launched = None
-            if handle.asked is None:
-                handle.asked = handle.launcher.poll.remote(handle.name)
-            if not ray.wait([handle.asked], timeout=0)[0]:
-                return None  # the answer comes at a later tick
-            asked, handle.asked = handle.asked, None
-            return ray.get(asked)
-        except Exception as err:  # the launcher is gone, and the tasks it owned with it
-            return f"the attempt launcher was lost ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"[:500]
-
-    def cancel(self, handle: AttemptHandle, *, force: bool = False) -> None:
-        # Without force nothing is ended here: a started run stops itself at its next heartbeat, and one that has
-        # not started is fenced off its row the moment it does (it returns at once). One that can never be
-        # placed is ended by the scheduler with force after its grace.
-        if force:
-            handle.launcher.end.remote(handle.name)
-
-
-def running_attempts(settings: ControlPlaneSettings) -> list[str]:
-    """The names of the runs this scheduler's launcher holds (none if it was never started)."""
-    import ray
-
-    try:
-        launcher = ray.get_actor(launcher_name(settings), namespace=settings.ray_namespace)
-    except ValueError:
-        return []
-    return ray.get(launcher.names.remote(), timeout=LAUNCHER_LIST_TIMEOUT_S)
-
-
-def stop_launchers(settings: ControlPlaneSettings | None = None) -> int:
-    """End this scheduler's launcher, or with no settings every scheduler's on the cluster, and with it the runs it
-    owns (a test's teardown; an operator retiring a control plane): launchers are detached, so nothing else ends
-    them once their scheduler is gone for good. Returns how many were ended."""
-    import ray
-    from ray.util import list_named_actors
-
-    stopped = 0
-    for entry in list_named_actors(all_namespaces=True):
-        if settings is None:
-            ours = entry["name"].endswith(":launcher")
-        else:
-            ours = entry["namespace"] == settings.ray_namespace and entry["name"] == launcher_name(settings)
-        if not ours:
-            continue
-        try:
-            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=True)
-            stopped += 1
-        except ValueError:  # gone since the listing
+            ray.cancel(handle, force=False)
+        except Exception:
             pass
-    return stopped
 
 
 @dataclass
@@ -757,11 +554,5 @@ class InlineRunner:
             return None
         return handle.outcome.get("error", "")
 
-    def cancel(self, handle: _InlineRun, *, force: bool = False) -> None:
-        pass  # a thread cannot be ended from outside; the run stops itself at its next heartbeat
-
-    def adopt(self, settings: ControlPlaneSettings, job_id: str, tenant: str, attempt: int) -> None:
-        return None  # its runs are threads of the process that ran the scheduler: they died with it
-
-    def sweep(self, settings: ControlPlaneSettings, tracked: set[tuple[str, int]]) -> list:
-        return []
+    def cancel(self, handle: _InlineRun) -> None:
+        pass

@@ -3,13 +3,9 @@ body of the detached Ray actor that `ct2i.scheduler` starts with the runner its 
 
 All state lives in the database, so the actor holds nothing that cannot be rebuilt. When it starts (first
 time, after `ray.kill`, after the Ray head restarted) it finds admitted/running jobs it holds no handle for
-and adopts them: first by asking the runner for the run, which outlives a scheduler (`RayTaskRunner`'s tasks
-are owned by a detached launcher actor), so a training survives its scheduler's restart with no lost step; failing that,
-a run whose heartbeat is fresh is still alive (it will write its own result); one whose heartbeat is older
-than `lease_seconds` has vanished, so its attempt ends (charged up to the last beat) and the job goes back to
-the queue, where the next attempt resumes from the last checkpoint. Runs of attempts that are no longer
-active (the job ended or was requeued while no scheduler watched) are found by a sweep every `lease_seconds`
-and released once they have returned, or ended after `ENDING_GRACE_S` whatever they are doing.
+and adopts them: a run whose heartbeat is fresh is still alive (it will write its own result); one whose
+heartbeat is older than `lease_seconds` has vanished, so its attempt ends (charged up to the last beat)
+and the job goes back to the queue, where the next attempt resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -34,11 +30,6 @@ from cluster.states import ACTIVE, admit_many, decayed, end_attempt, transition
 
 log = logging.getLogger(__name__)
 
-# How long a run whose row is no longer its own may take to notice (at its next heartbeat) and return before it
-# is ended regardless: a Ray Train driver shuts its worker group down in that time; a hung one (or one that could
-# never be placed) holds its resources no longer than this.
-ENDING_GRACE_S = 60.0
-
 
 class Scheduler:
     def __init__(self, settings: ControlPlaneSettings, runner: Runner, *, clock: Callable[[], float] = time.time,
@@ -50,9 +41,6 @@ class Scheduler:
         self.db = self.plane.db
         self._capacity = capacity_gpus or settings.capacity_gpus
         self.handles: dict[tuple[str, int], Any] = {}
-        # Runs whose attempt is no longer active but that have not returned yet: released when they do.
-        self.ending: dict[tuple[str, int], tuple[Any, float]] = {}
-        self._swept_at: float | None = None
         self.blocked_since: dict[str, float] = {}
         self.over_budget_since: dict[tuple[str, int], float] = {}  # running attempts whose tenant's budget is spent
         self.lock = threading.Lock()
@@ -95,15 +83,13 @@ class Scheduler:
             active = session.execute(select(Job).where(Job.state.in_(ACTIVE))).scalars().all()
         active_keys = {(job.id, job.attempts) for job in active}
         for key in [k for k in self.handles if k not in active_keys]:  # cancelled, or finished and written
-            self._release_when_done(key, self.handles.pop(key), now)
-        self._settle_ending(now)
+            handle = self.handles.pop(key)
+            if self.runner.poll(handle) is None:
+                self.runner.cancel(handle)
         ended = 0
         for job in active:
             key = (job.id, job.attempts)
             death = None
-            if key not in self.handles and (adopted := self.runner.adopt(self.settings, job.id, job.tenant, job.attempts)):
-                log.info("adopted the running attempt %d of %s", job.attempts, job.id)
-                self.handles[key] = adopted
             if key in self.handles:
                 outcome = self.runner.poll(self.handles[key])
                 if outcome is None:
@@ -117,29 +103,7 @@ class Scheduler:
                     continue  # adopted: alive, it writes its own result
                 death = f"no heartbeat for {now - beat:.0f} s"
             ended += self._retry_or_fail(job, death, now)
-        if self._swept_at is None or now - self._swept_at >= self.settings.scheduler.lease_seconds:
-            self._swept_at = now
-            for key, handle in self.runner.sweep(self.settings, set(self.handles) | set(self.ending)):
-                log.info("found the run of attempt %d of %s, which is no longer active", key[1], key[0])
-                self._release_when_done(key, handle, now)
         return ended + self._stop_over_budget([job for job in active if job.state == JobState.running], now)
-
-    def _release_when_done(self, key: tuple[str, int], handle: Any, now: float) -> None:
-        """A run whose attempt is no longer active: released at once if it has returned, else once it does."""
-        if self.runner.poll(handle) is None:
-            self.runner.cancel(handle)
-            self.ending[key] = (handle, now)
-
-    def _settle_ending(self, now: float) -> None:
-        for key, (handle, since) in list(self.ending.items()):
-            if self.runner.poll(handle) is not None:
-                del self.ending[key]
-            elif now - since > 2 * ENDING_GRACE_S:
-                log.error("the run of %s was ended but still does not say so; forgetting it", key)
-                del self.ending[key]
-            elif now - since > ENDING_GRACE_S:
-                log.warning("the run of %s did not return %.0f s after its attempt ended; ending it", key, ENDING_GRACE_S)
-                self.runner.cancel(handle, force=True)  # kept until a poll sees it gone
 
     def _stop_over_budget(self, running: list[Job], now: float) -> int:
         """The GPU-hour budget's backstop. A run stops itself, with a checkpoint, once one of its writes finds the
@@ -288,8 +252,7 @@ class SchedulerLoop:
         return self.scheduler.tick()
 
     def status(self) -> dict:
-        return {"ticks": self._ticks, "handles": len(self.scheduler.handles), "ending": len(self.scheduler.ending),
-                "last_error": self._last_error,
+        return {"ticks": self._ticks, "handles": len(self.scheduler.handles), "last_error": self._last_error,
                 "capacity_gpus": self.scheduler.capacity_gpus(), "runner": self.scheduler.runner.kind,
                 "webhooks": {"delivered": self.scheduler.webhooks.delivered, "in_flight": sorted(self.scheduler.webhooks.in_flight()),
                              "last_error": self.scheduler.webhooks.last_error}}

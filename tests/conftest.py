@@ -55,22 +55,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def no_runs_left_behind(request):
-    """Attempt runs are owned by a detached launcher actor per scheduler (`cluster.runner._AttemptLauncher`), so
-    they outlive a killed scheduler: one left in flight by a test would hold the session Ray's CPUs for every
-    later test. Their release is tested in tests/faults/test_attempt_runs.py; this only keeps one test's
-    leftovers from becoming the next one's failure."""
-    yield
-    if RAY_FIXTURES & set(request.fixturenames):
-        import ray
-
-        if ray.is_initialized():
-            from cluster.runner import stop_launchers
-
-            stop_launchers()
-
-
 @pytest.fixture
 def restart_ray(ray_cluster):
     """Stop the session's Ray (every actor and task with it) and start it again, as a head restart would."""

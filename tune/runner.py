@@ -139,10 +139,9 @@ class RayTrainFn:
 
 
 def ray_train_runner(train_fn: RayTrainFn | None = None) -> RayTaskRunner:
-    """The control plane's runner for Ray Train: a zero-resource driver task per attempt (owned by the
-    scheduler's detached launcher, so it outlives a restarted scheduler) running
+    """The control plane's runner for Ray Train: a zero-resource driver task per attempt running
     `execute_attempt(train_fn=RayTrainFn())`, on the scheduler's node; the Train workers hold the job's CPUs and
     GPUs, wherever Ray places them, and a lost worker node costs a worker-group restart from the last
     checkpoint under the run's shared `storage_path` (tests/faults/test_node_loss.py)."""
-    return RayTaskRunner(train_fn=train_fn or RayTrainFn(), num_cpus=0, hold_gpus=False,
+    return RayTaskRunner(train_fn=train_fn or RayTrainFn(), num_cpus=0, hold_gpus=False, task_name="ct2i-train",
                          kind="ray_train", beside_scheduler=True)

@@ -1,14 +1,13 @@
 """The detached scheduler actor killed, and Ray itself restarted, with jobs running and queued (moved here from
 tests/cluster/test_ray_scheduler.py: at 200-400 s each they were the suite's critical path).
 
-The fake trainer runs in Ray tasks owned by the scheduler's detached launcher actor, paced by a file gate (no sleeps); both run on
-SQLite and, when `CT2I_TEST_POSTGRES_URL` is set, PostgreSQL, side by side on one Ray.
+The fake trainer runs in Ray tasks, paced by a file gate (no sleeps); both run on SQLite and, when
+`CT2I_TEST_POSTGRES_URL` is set, PostgreSQL, side by side on one Ray.
 
 Figures (asserted): jobs lost 0, jobs duplicated 0 (one `succeeded` event, one adapter, usage rows one per
-attempt). A scheduler killed mid-run takes no training with it: its successor adopts the running attempt, which
-ends as attempt 1 with one trainer start and every step once. A whole Ray restart does end the runs (the
-launcher too): their jobs are retried and each still ends once. The seconds from the fault to the job moving again are measured and
-reported (not bounded: they are the actor's restart and, for Ray, the start-up of this machine).
+attempt); a run that died with the actor resumed from a checkpoint (step >= 4), never from 0. The seconds from
+the fault to the job moving again are measured and reported (not bounded: they are the lease and the Ray
+start-up of this machine).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cluster.db import Adapter, Job, JobEvent, UsageRecord
-from cluster.runner import RayTaskRunner, run_dir_for, stop_launchers
+from cluster.runner import RayTaskRunner, run_dir_for
 from cluster.schemas import Quotas
 from ct2i.scheduler import find_scheduler, get_or_create_scheduler
 from tests.cluster.conftest import submit_simple
@@ -77,8 +76,6 @@ def all_backends(tmp_path):
     for plane in planes:
         if ray.is_initialized() and (actor := find_scheduler(plane.settings)) is not None:
             ray.kill(actor, no_restart=True)
-        if ray.is_initialized():
-            stop_launchers(plane.settings)  # detached, with the runs it owns: they would outlive the test
         plane.db.dispose()
     for _, _, name in urls:
         if name:
@@ -105,9 +102,7 @@ def test_killed_scheduler_reconciles_and_job_finishes_exactly_once(all_backends,
         killed_at = time.monotonic()
         ray.kill(find_scheduler(plane.settings), no_restart=True)
         assert wait_for(lambda: find_scheduler(plane.settings) is None, 10)
-        successor = get_or_create_scheduler(plane.settings, runner=RayTaskRunner(FakeTrainer(gates[plane.settings.scheduler_name])))
-        # It adopted the run that outlived its scheduler (owned by the launcher), before any lease ran out.
-        assert ray.get(successor.status.remote())["handles"] == 1
+        get_or_create_scheduler(plane.settings, runner=RayTaskRunner(FakeTrainer(gates[plane.settings.scheduler_name])))
         gates[plane.settings.scheduler_name].allow_up_to("open")
         assert wait_for(lambda: (plane.get_job("acme", job.id).progress.checkpoint_step or 0) > at_kill, timeout=90)
         recovery[plane.settings.scheduler_name] = time.monotonic() - killed_at
@@ -118,9 +113,9 @@ def test_killed_scheduler_reconciles_and_job_finishes_exactly_once(all_backends,
         view = plane.get_job("acme", job.id)
         log = (run_dir_for(plane, "acme", job.id) / "trainer" / "steps.log").read_text().splitlines()
         starts = [int(line.split()[1]) for line in log if line.startswith("start")]
-        steps = [int(line.split()[1]) for line in log if line.startswith("step")]
-        # The training survived its scheduler: one attempt, one trainer from step 0, every step once.
-        assert (view.attempts, starts, steps) == (1, [0], list(range(1, 17))), (view.attempts, starts)
+        assert starts[0] == 0 and len(starts) == view.attempts
+        # If the run died with its owner, the retry resumed from a checkpoint instead of step 0.
+        assert all(start >= 4 for start in starts[1:])
         fault_figure(backend=plane.settings.scheduler_name.rsplit("-", 1)[-1], killed="scheduler actor (ray.kill)",
                      requests_failed=None, jobs_lost=0, jobs_duplicated=0, attempts=view.attempts,
                      recovery_s=round(recovery[plane.settings.scheduler_name], 1))
