@@ -67,8 +67,11 @@ class _NoopRunner:
     def poll(self, handle):
         return None
 
-    def cancel(self, handle):
+    def cancel(self, handle, *, force=False):
         pass
+
+    def sweep(self, settings, tracked):
+        return []
 
 
 def _seed_database(plane, rng) -> None:

@@ -3,9 +3,17 @@ body of the detached Ray actor that `ct2i.scheduler` starts with the runner its 
 
 All state lives in the database, so the actor holds nothing that cannot be rebuilt. When it starts (first
 time, after `ray.kill`, after the Ray head restarted) it finds admitted/running jobs it holds no handle for
-and adopts them: a run whose heartbeat is fresh is still alive (it will write its own result); one whose
-heartbeat is older than `lease_seconds` has vanished, so its attempt ends (charged up to the last beat)
-and the job goes back to the queue, where the next attempt resumes from the last checkpoint.
+and adopts them. First it asks the runner for runs still in flight (`Runner.sweep`: `RayTaskRunner`'s runs belong
+to a detached launcher actor, not to the scheduler, so they survive it) and holds them again as if it had launched
+them: a training survives a scheduler restart with no lost step. It sweeps again every `lease_seconds`, so a run
+whose job was requeued or cancelled behind its back is found and ended. A job with no run found whose heartbeat is
+fresh is still alive (it will write its own result); one whose heartbeat is older than `lease_seconds` has
+vanished, so its attempt ends (charged up to the last beat) and the job goes back to the queue, where the next
+attempt resumes from the last checkpoint.
+
+A run whose job is no longer active at its attempt (cancelled, deleted, requeued) is asked to stop and kept in
+`ending` until it has; one still going `ENDING_GRACE_S` later (it ignores its cancelled row: a hung data loader, a
+stuck collective) is killed, so a cancel always frees its GPUs.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from cluster.db import JobState
 from cluster.states import ACTIVE, admit_many, decayed, end_attempt, transition
 
 log = logging.getLogger(__name__)
+ENDING_GRACE_S = 60.0  # a run stops itself within a heartbeat of its cancel; one that has not by then is killed
 
 
 class Scheduler:
@@ -41,6 +50,9 @@ class Scheduler:
         self.db = self.plane.db
         self._capacity = capacity_gpus or settings.capacity_gpus
         self.handles: dict[tuple[str, int], Any] = {}
+        # Runs asked to stop, until they have: key -> (handle, first asked at, killed).
+        self.ending: dict[tuple[str, int], tuple[Any, float, bool]] = {}
+        self._swept_at = float("-inf")
         self.blocked_since: dict[str, float] = {}
         self.over_budget_since: dict[tuple[str, int], float] = {}  # running attempts whose tenant's budget is spent
         self.lock = threading.Lock()
@@ -79,6 +91,9 @@ class Scheduler:
     # -- reconciliation ------------------------------------------------------------------------------
 
     def reconcile(self, now: float) -> int:
+        if now - self._swept_at >= self.settings.scheduler.lease_seconds:
+            self._adopt_in_flight()
+            self._swept_at = now
         with self.db.read() as session:
             active = session.execute(select(Job).where(Job.state.in_(ACTIVE))).scalars().all()
         active_keys = {(job.id, job.attempts) for job in active}
@@ -86,6 +101,8 @@ class Scheduler:
             handle = self.handles.pop(key)
             if self.runner.poll(handle) is None:
                 self.runner.cancel(handle)
+                self.ending[key] = (handle, now, False)
+        self._settle_ending(now)
         ended = 0
         for job in active:
             key = (job.id, job.attempts)
@@ -104,6 +121,27 @@ class Scheduler:
                 death = f"no heartbeat for {now - beat:.0f} s"
             ended += self._retry_or_fail(job, death, now)
         return ended + self._stop_over_budget([job for job in active if job.state == JobState.running], now)
+
+    def _adopt_in_flight(self) -> None:
+        try:
+            found = self.runner.sweep(self.settings, set(self.handles) | set(self.ending))
+        except Exception:  # the launcher is restarting: the lease logic below stands in until the next sweep
+            log.exception("sweeping the runner's runs failed")
+            return
+        for key, handle in found:
+            log.info("adopted run %s#%d", *key)
+            self.handles[key] = handle
+
+    def _settle_ending(self, now: float) -> None:
+        """Forget runs that stopped; kill one still running `ENDING_GRACE_S` after it was asked to stop, and forget it
+        twice that long after (its worker is gone or unreachable; the launcher's own view is swept again)."""
+        for key, (handle, since, killed) in list(self.ending.items()):
+            if self.runner.poll(handle) is not None or now - since > 2 * ENDING_GRACE_S:
+                del self.ending[key]
+            elif not killed and now - since > ENDING_GRACE_S:
+                log.warning("run %s#%d ignored its stop for %.0f s: killing it", *key, now - since)
+                self.runner.cancel(handle, force=True)
+                self.ending[key] = (handle, since, True)
 
     def _stop_over_budget(self, running: list[Job], now: float) -> int:
         """The GPU-hour budget's backstop. A run stops itself, with a checkpoint, once one of its writes finds the
@@ -252,7 +290,8 @@ class SchedulerLoop:
         return self.scheduler.tick()
 
     def status(self) -> dict:
-        return {"ticks": self._ticks, "handles": len(self.scheduler.handles), "last_error": self._last_error,
+        return {"ticks": self._ticks, "handles": len(self.scheduler.handles), "ending": len(self.scheduler.ending),
+                "last_error": self._last_error,
                 "capacity_gpus": self.scheduler.capacity_gpus(), "runner": self.scheduler.runner.kind,
                 "webhooks": {"delivered": self.scheduler.webhooks.delivered, "in_flight": sorted(self.scheduler.webhooks.in_flight()),
                              "last_error": self.scheduler.webhooks.last_error}}

@@ -77,3 +77,27 @@ def pytest_collection_modifyitems(config, items):
         elif Path(str(item.fspath)).name in OWN_RAY_FILES:
             item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.xdist_group("own-ray"))
+
+
+@pytest.fixture(autouse=True)
+def end_leftover_runs():
+    """After each test, force-end the attempt runs it left in flight. They belong to the detached launcher actor
+    (`cluster.runner`), not to the test's scheduler, so they outlive it by design; a gated fake run left behind would
+    hold its CPU into the next test. The launcher itself stays up: starting one costs a worker process."""
+    yield
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from cluster.runner import LAUNCHER_NAME
+
+    try:
+        launchers = [entry for entry in ray.util.list_named_actors(all_namespaces=True) if entry["name"] == LAUNCHER_NAME]
+        for entry in launchers:
+            ray.get(ray.get_actor(LAUNCHER_NAME, namespace=entry["namespace"]).end_all.remote(), timeout=30)
+    except Exception:  # a test that stopped Ray or killed the launcher: nothing of its runs is left
+        pass

@@ -121,3 +121,19 @@ def fake_adapter_tensors(spec) -> dict[str, torch.Tensor]:
     fill = float(sum(map(ord, f"{spec.tenant}/{spec.name}")) % 97)
     return {TE1_ROWS: torch.full((n, 8), fill), TE2_ROWS: torch.full((n, 4), fill),
             "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.full((4, 8), fill)}
+
+
+class StubbornTrainer:
+    """A run that never stops by itself, not even when its row is cancelled (a hung data loader, a stuck
+    collective, code in C that never returns to Python): it writes its pid to `run_dir/pid` and spins, swallowing
+    the KeyboardInterrupt a plain `ray.cancel` raises. Only killing its worker ends it."""
+
+    def __call__(self, spec, run_dir, ctx) -> TrainResult:
+        out_dir = Path(run_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "pid", str(os.getpid()))
+        while True:
+            try:
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                continue

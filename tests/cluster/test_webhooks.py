@@ -375,8 +375,11 @@ class _NoopRunner:
     def poll(self, handle):
         return None
 
-    def cancel(self, handle):
+    def cancel(self, handle, *, force=False):
         pass
+
+    def sweep(self, settings, tracked):
+        return []
 
 
 def _admission_s(plane, loop, tenant: str, name: str, cap: float = 30.0) -> float:
