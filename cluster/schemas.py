@@ -118,7 +118,7 @@ class QueueEntry(View):
     state: JobState
     position: Annotated[int | None, Field(description="1-based place in its tenant's queue (oldest first); null once admitted")]
     queue_reason: Annotated[str | None, Field(description="why the scheduler holds it back, as it last decided")]
-    demand_gpus: Annotated[float, Field(description="capacity units admission counts: its GPUs, or one per worker for a CPU job")]
+    demand_gpus: Annotated[float, Field(description="capacity units admission counts: its GPUs, or one per worker for a CPU job, times the trials a search runs at once")]
     gpus: Annotated[float, Field(description="GPUs its workers hold (0 for a CPU job)")]
     created_at: float
     started_at: float | None

@@ -71,9 +71,18 @@ class Forbidden(ServiceError):
     status = 403
 
 
+def concurrent_runs(spec: TuningSpec) -> int:
+    """How many Train runs of the job hold resources at once: a search's trials run `max_concurrent` at a time
+    (never more than there are), anything else is one run."""
+    return min(spec.search.max_concurrent, spec.search.num_samples) if spec.search is not None else 1
+
+
 def job_demand_gpus(spec: TuningSpec) -> float:
-    """Capacity units a job holds: its GPUs, or one unit per worker for a CPU-only job."""
-    return spec.resources.total_gpus or float(spec.resources.num_workers)
+    """Capacity units a job holds: its GPUs, or one unit per worker for a CPU-only job, for each run it holds at
+    once. A search admitted as one trial's worth would run `max_concurrent` trials on it: the trials beyond the
+    first wait for workers the fleet never had free, and fail at the worker-start timeout."""
+    per_run = spec.resources.total_gpus or float(spec.resources.num_workers)
+    return per_run * concurrent_runs(spec)
 
 
 def validate_image(data: bytes, name: str) -> None:
@@ -365,6 +374,11 @@ class ControlPlane:
         if row is None:
             raise NotFound(f"no tenant {spec.tenant!r}", "tenant")
         if demand > row.max_concurrent_gpus:
+            runs = concurrent_runs(spec)
+            if runs > 1:
+                raise InvalidInput(f"needs {demand:g} GPUs ({runs} trials at once × {demand / runs:g}); the tenant's "
+                                   f"max_concurrent_gpus is {row.max_concurrent_gpus:g}: lower search.max_concurrent",
+                                   "spec.search.max_concurrent")
             raise InvalidInput(f"needs {demand:g} GPUs; the tenant's max_concurrent_gpus is {row.max_concurrent_gpus:g}",
                                "spec.resources")
         budget = budget_gpu_seconds(row.gpu_hours_per_30d)
@@ -584,7 +598,8 @@ class ControlPlane:
         for row in rows:
             queue = by_tenant.setdefault(row.tenant, [])
             queued = row.state == JobState.queued
-            gpus = TuningSpec.model_validate_json(row.spec_json).resources.total_gpus
+            spec = TuningSpec.model_validate_json(row.spec_json)
+            gpus = spec.resources.total_gpus * concurrent_runs(spec)
             queue.append(QueueEntry(
                 id=row.id, name=row.name, state=row.state, queue_reason=row.queue_reason if queued else None,
                 position=sum(1 for e in queue if e.state == JobState.queued) + 1 if queued else None,

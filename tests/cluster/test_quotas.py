@@ -162,6 +162,28 @@ def test_no_budget_is_refused_at_submit_with_the_reason(settings, plane):
     assert not Path(plane.store.path("broke", "jobs")).exists()  # refused before anything was stored
 
 
+SEARCH = {"num_samples": 3, "alpha_scale": {"loguniform": [0.1, 10.0]}}
+
+
+@pytest.mark.parametrize(("max_concurrent", "demand"), [(1, 1.0), (2, 2.0), (5, 3.0)])
+def test_a_search_holds_one_runs_gpus_for_each_trial_it_runs_at_once(plane, max_concurrent, demand):
+    """Admitted as one trial's worth, a search would run `max_concurrent` trials on it: the rest wait for workers
+    and fail at the worker-start timeout (seen through `ct2i serve`, tests/ct2i/test_cli_serve.py)."""
+    plane.create_tenant("acme", Quotas(max_concurrent_gpus=8))
+    job = submit_simple(plane, "acme", search={**SEARCH, "max_concurrent": max_concurrent})
+    assert job.demand_gpus == demand  # 1 GPU per trial, min(max_concurrent, num_samples) trials at once
+
+
+def test_a_search_wider_than_the_tenants_gpus_is_refused_naming_max_concurrent(plane):
+    plane.create_tenant("acme", Quotas(max_concurrent_gpus=1))
+    with pytest.raises(InvalidInput) as refused:
+        submit_simple(plane, "acme", search={**SEARCH, "max_concurrent": 2})
+    assert refused.value.field == "spec.search.max_concurrent"
+    assert "2 trials at once" in refused.value.message and "max_concurrent_gpus is 1" in refused.value.message
+    assert plane.list_jobs("acme") == []
+    assert submit_simple(plane, "acme", search={**SEARCH, "max_concurrent": 1}).demand_gpus == 1.0
+
+
 def test_steps_that_cannot_fit_the_remaining_budget_are_refused(tmp_path, db_url):
     from cluster.store import ArtifactStore
     from cluster.service import ControlPlane
