@@ -20,6 +20,22 @@ DEFAULT_PORT = 8000
 APP_NAME = "ct2i"
 
 
+def settings_beside_serve(settings, cluster_resources: dict, generator_resources: dict, ingress_resources: dict):
+    """The settings of a `ct2i serve` that started its own Ray: tunings get the capacity its Serve replicas leave.
+
+    Without it the scheduler counts the generator's GPU (on a CPU box, the replicas' CPUs) as free, admits a job into
+    it, and that job's workers wait for a device that never frees until the worker-start timeout fails them. A
+    configured `capacity_gpus` (`CT2I_CAPACITY_GPUS`) is the operator's word and stays."""
+    import math
+
+    if settings.capacity_gpus is not None:
+        return settings
+    unit, key = ("GPU", "num_gpus") if cluster_resources.get("GPU", 0) >= 1 else ("CPU", "num_cpus")
+    held = generator_resources.get(key, 0) + ingress_resources.get(key, 0)
+    left = math.floor(cluster_resources.get(unit, 0) - held + 1e-9)
+    return settings.model_copy(update={"capacity_gpus": float(max(left, 1))})
+
+
 def add_serve_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve the platform (generate API, control-plane API, web page) until interrupted",
@@ -175,19 +191,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     exit_code = 0
     try:
-        get_or_create_scheduler(settings)
         has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
         # On a CPU-only box the replicas take fractions of a CPU, so a tuning task (one CPU) still fits beside them.
         generator_resources = {"num_cpus": 1, "num_gpus": 1} if has_gpus else {"num_cpus": 0.5, "num_gpus": 0}
+        ingress_resources = {"num_cpus": 0.1}
+        if started_ray:
+            settings = settings_beside_serve(settings, ray.cluster_resources(), generator_resources, ingress_resources)
+        get_or_create_scheduler(settings)
         serve.start(http_options={"host": args.host, "port": args.port})
         stop_signals = _StopSignals()  # after ray.init, whose core worker installs its own handlers
         serve.run(build_app(settings, generator_options={"ray_actor_options": generator_resources},
-                            ingress_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}),
+                            ingress_options={"num_replicas": 1, "ray_actor_options": ingress_resources}),
                   name=APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
         print(f"ct2i serve: {url}  (web page {url}/, API docs {url}/docs, health {url}/healthz)", flush=True)
         print(f"ct2i serve: data {settings.home}, database {settings.database_url}, artifacts {settings.artifacts_uri}, "
-              f"base model {settings.base_model}, jobs run with {settings.scheduler.runner}", flush=True)
+              f"base model {settings.base_model}, jobs run with {settings.scheduler.runner} on "
+              f"{'the cluster' if settings.capacity_gpus is None else format(settings.capacity_gpus, 'g')} capacity units",
+              flush=True)
         print("ct2i serve: Ctrl-C or SIGTERM stops it", flush=True)
         signum = stop_signals.wait()
         print(f"ct2i serve: {signal.Signals(signum).name}, shutting down", flush=True)
