@@ -465,7 +465,8 @@ class Trainer:
                 **model.adapter_form(),
                 "tensor_dtypes": tensor_dtypes(tensors),
                 "alpha": self.alpha.value,
-                "training": cfg.model_dump(),
+                # world_size: how many data-parallel ranks trained it (the spec's `num_workers` as it ran).
+                "training": {**cfg.model_dump(), "world_size": self.world_size},
                 "metrics": {"final_loss": self.losses[-1] if self.losses else None, "terms": self.last_terms, **self.diagnostics()},
                 "tenant": self.spec.tenant,
                 "name": self.spec.name,

@@ -131,6 +131,7 @@ def test_alpha_is_stored_in_checkpoints_their_meta_and_the_manifest(straight_aut
     assert all(m["diagnostics"]["alpha"] == alpha for _, m in history)
     manifest = read_manifest(out / "adapter")
     assert manifest.alpha == alpha and manifest.training["alpha"] == "auto"
+    assert manifest.training["world_size"] == 1  # one process trained it
 
 
 def test_alpha_is_reported_every_step_and_is_zero_until_the_warm_up_ends(make_spec, tmp_path):

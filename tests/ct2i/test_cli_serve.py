@@ -1,6 +1,7 @@
 """`ct2i serve` (and `make demo`'s entry, `python -m ct2i.demo`) in a subprocess, as an operator runs them: Ray's
 token auth on, every socket the processes they started listen on bound to loopback, a driver without the token
-refused; `ct2i serve` answers on its port and SIGTERM stops it cleanly.
+refused; `ct2i serve` answers on its port, runs the tunings submitted to it after it started as their specs say
+(a search as 3 trials, `num_workers: 2` as two workers), and SIGTERM stops it cleanly.
 
 The suite turns Ray auth off (tests/conftest.py); these tests take it out of the children's environment again,
 and give them a home of their own so Ray's token file (~/.ray/auth_token) is made there, not in the user's.
@@ -8,6 +9,7 @@ and give them a home of their own so Ray's token file (~/.ray/auth_token) is mad
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -87,17 +90,38 @@ def assert_token_required(gcs: str, env: dict[str, str], token_file: Path) -> No
     assert "CONNECTED" in right.stdout, right.stderr[-2000:]
 
 
-@pytest.mark.e2e
-def test_ct2i_serve_keeps_ray_auth_on_listens_on_loopback_and_stops_on_sigterm(tmp_path):
+@dataclass
+class Served:
+    """A running `ct2i serve`, as an operator started it, with one tenant and its key."""
+
+    process: subprocess.Popen
+    output: Output
+    port: int
+    key: str
+    env: dict[str, str]
+    home: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One `ct2i serve` for this module's tests (it takes minutes to start here); the SIGTERM test, the last,
+    stops it, and this stops it in any case."""
     from cluster.config import ControlPlaneSettings
     from cluster.service import ControlPlane
 
+    tmp_path = tmp_path_factory.mktemp("serve")
     env = operator_env(tmp_path)
     plane = ControlPlane.open(ControlPlaneSettings.from_env(env))
     plane.create_tenant("acme")
     key = plane.create_key("tenant", "acme").key
+    plane.db.dispose()
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "ct2i.cli", "serve", "--port", str(port), "--num-cpus", "2"],
+    # 4 logical CPUs: the Serve replicas hold 0.6, and a `num_workers: 2` tune needs 2 beside its driver.
+    process = subprocess.Popen([sys.executable, "-m", "ct2i.cli", "serve", "--port", str(port), "--num-cpus", "4"],
                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = Output(process)
     try:
@@ -105,22 +129,100 @@ def test_ct2i_serve_keeps_ray_auth_on_listens_on_loopback_and_stops_on_sigterm(t
             wait_healthy(f"http://127.0.0.1:{port}", timeout_s=480)
         except TimeoutError:
             raise AssertionError(f"ct2i serve did not come up:\n{output.text[-6000:]}") from None
-        ray_line = output.wait_for(GCS_LINE, 10)
-        assert ray_line["host"] == "127.0.0.1" and ray_line["gcs"].startswith("127.0.0.1:")
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", headers={"Authorization": f"Bearer {key}"},
-                              json={"adapter": "base", "prompt": "a cat", "steps": 1, "seed": 0}, timeout=120)
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"] == "image/png"
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/tunings", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-        sockets = assert_ray_on_loopback(process.pid)
-        assert any(p == port for _, _, p in sockets)  # the Serve proxy's port is among those read
-        assert_token_required(ray_line["gcs"], env, Path(ray_line["token"]))
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
+        yield Served(process=process, output=output, port=port, key=key, env=env, home=tmp_path)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def submit(served: Served, spec_path: Path) -> dict:
+    """`ct2i submit` as a remote client does it: the REST API with the tenant's key (the real CLI, in a subprocess)."""
+    env = {**served.env, "CT2I_API_KEY": served.key}
+    done = subprocess.run([sys.executable, "-m", "ct2i.cli", "--api", served.url, "submit", str(spec_path), "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def wait_terminal(served: Served, job_id: str, timeout_s: float) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        job = httpx.get(f"{served.url}/v1/tunings/{job_id}", headers={"Authorization": f"Bearer {served.key}"},
+                        timeout=30).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} not done within {timeout_s} s: {job}\n{served.output.text[-4000:]}")
+
+
+def fetched_adapter(served: Served, adapter_id: str, into: Path) -> Path:
+    from cluster.config import ControlPlaneSettings
+    from cluster.service import ControlPlane
+
+    plane = ControlPlane.open(ControlPlaneSettings.from_env(served.env))
+    try:
+        stored = plane.get_adapter(None, adapter_id)
+        plane.store.fetch_dir("acme", plane.store.parse_uri(stored.uri, "acme"), into)
+    finally:
+        plane.db.dispose()
+    return into
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1500)  # with the module's `ct2i serve` start (up to 480 s)
+def test_after_ct2i_serve_a_search_spec_runs_three_trials_and_a_two_worker_spec_two_workers(served, tmp_path):
+    """`ct2i serve` started the scheduler (with the runner its settings name, `ray_train`); tunings submitted
+    afterwards through REST run as their specs say, not as whatever runner the first driver happened to bring."""
+    import yaml
+
+    from causalt2i.adapter import load_adapter
+    from causalt2i.data.synthetic import write_synthetic_spec
+    from tune.search import read_search_record
+
+    specs = {}
+    for name, edit in {
+        "searched": lambda data: data.update(search={
+            "num_samples": 3, "max_concurrent": 2, "alpha_scale": {"loguniform": [0.1, 10.0]},
+            "eval_prompts": 1, "eval_seeds": [0, 1], "eval_steps": 2, "grace_period": 2}),
+        "two-workers": lambda data: data["resources"].update(num_workers=2),
+    }.items():
+        spec_path = write_synthetic_spec(tmp_path / name, tenant="acme", name=name, resolution=64, steps=2,
+                                         n_subjects=2, images_per_subject=2, size=64, gpus_per_worker=0)
+        data = yaml.safe_load(spec_path.read_text())
+        data["resources"]["cpus_per_worker"] = 1
+        edit(data)
+        spec_path.write_text(yaml.safe_dump(data))
+        specs[name] = spec_path
+    jobs = {name: submit(served, path) for name, path in specs.items()}
+    done = {name: wait_terminal(served, job["id"], timeout_s=900) for name, job in jobs.items()}
+    for name, job in done.items():
+        assert job["state"] == "succeeded", (name, job)
+
+    searched = fetched_adapter(served, done["searched"]["adapter_id"], tmp_path / "searched-adapter")
+    record = read_search_record(searched)
+    assert len(record.trials) == 3 and len({t.trial_id for t in record.trials}) == 3
+    assert all(t.status == "finished" for t in record.trials), record.trials
+    assert done["searched"]["progress"]["total_steps"] == 3  # a search's progress counts trials
+    two = load_adapter(fetched_adapter(served, done["two-workers"]["adapter_id"], tmp_path / "two-adapter"))
+    assert two.manifest.training["world_size"] == 2 and two.manifest.step == 2
+
+
+@pytest.mark.e2e
+def test_ct2i_serve_keeps_ray_auth_on_listens_on_loopback_and_stops_on_sigterm(served):
+    process, output, port, key, env = served.process, served.output, served.port, served.key, served.env
+    ray_line = output.wait_for(GCS_LINE, 10)
+    assert ray_line["host"] == "127.0.0.1" and ray_line["gcs"].startswith("127.0.0.1:")
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", headers={"Authorization": f"Bearer {key}"},
+                          json={"adapter": "base", "prompt": "a cat", "steps": 1, "seed": 0}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/tunings", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    sockets = assert_ray_on_loopback(process.pid)
+    assert any(p == port for _, _, p in sockets)  # the Serve proxy's port is among those read
+    assert_token_required(ray_line["gcs"], env, Path(ray_line["token"]))
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
     output.thread.join(timeout=10)
     assert process.returncode == 0, output.text
     assert f"http://127.0.0.1:{port}" in output.text and "SIGTERM, shutting down" in output.text
@@ -230,3 +332,20 @@ def test_bad_port_is_one_line_and_exit_2(tmp_path, capsys):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(("resources", "configured", "capacity"), [
+    ({"CPU": 4.0}, None, 3.0),  # 4 CPUs less the replicas' 0.6
+    ({"CPU": 16.0, "GPU": 2.0}, None, 1.0),  # the generator holds one of the two GPUs
+    ({"CPU": 16.0, "GPU": 4.0}, None, 3.0),
+    ({"CPU": 1.0}, None, 1.0),  # never below one unit: a CPU job of a fraction still fits
+    ({"CPU": 16.0, "GPU": 2.0}, 8.0, 8.0),  # CT2I_CAPACITY_GPUS is the operator's word
+])
+def test_ct2i_serve_gives_tunings_the_capacity_its_replicas_leave(resources, configured, capacity):
+    from cluster.config import ControlPlaneSettings
+    from ct2i.cli_serve import settings_beside_serve
+
+    has_gpus = "GPU" in resources
+    generator = {"num_cpus": 1, "num_gpus": 1} if has_gpus else {"num_cpus": 0.5, "num_gpus": 0}
+    settings = ControlPlaneSettings(capacity_gpus=configured)
+    assert settings_beside_serve(settings, resources, generator, {"num_cpus": 0.1}).capacity_gpus == capacity
