@@ -471,6 +471,7 @@ def _run_attempt_task(settings: ControlPlaneSettings, job_id: str, attempt: int,
 
 
 LAUNCHER_NAME = "ct2i-attempt-launcher"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node (ray._common.constants)
 
 
 class _AttemptLauncher:
@@ -512,8 +513,10 @@ class _AttemptLauncher:
             if node_id is not None:
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-                # Soft: should that node be gone, so is its scheduler, and the successor launches again.
-                placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+                # Hard: a soft affinity was seen spilling to another node under load (the launcher itself did, in the
+                # node-loss fault run). Should that node be gone, so is its scheduler: this run fails at once, and the
+                # successor launches the next attempt.
+                placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
             self.runs[name] = ray.remote(_run_attempt_task).options(name=name, max_retries=0, **options, **placement).remote(
                 settings, job_id, attempt, train_fn)
         return [self.runs[name]]
@@ -557,12 +560,11 @@ def get_or_create_launcher(namespace: str):
     import ray
 
     launcher_class = ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1)(_AttemptLauncher)
-    # Beside its creator (a scheduler, on the head under KubeRay): a launcher on a worker node would die with it.
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    # On the head, by the resource Ray gives only the head: a launcher on a worker node would take every run with it
+    # when that node dies. (A soft affinity to the creator's node, the head, was not enough: in the node-loss fault
+    # run the launcher was placed on the worker node while the head was busy.)
     return launcher_class.options(name=LAUNCHER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-                                  scheduling_strategy=NodeAffinitySchedulingStrategy(
-                                      ray.get_runtime_context().get_node_id(), soft=True)).remote()
+                                  resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
 @dataclass

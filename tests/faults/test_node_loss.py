@@ -126,6 +126,11 @@ def test_a_lost_worker_node_resumes_the_tune_on_the_head_from_shared_checkpoints
         _wait(lambda: _ended(plane, reference.id), 900, "the uninterrupted run")
     reference = plane.get_job("acme", reference.id)
     assert reference.state == "succeeded", reference.error
+    from cluster.runner import LAUNCHER_NAME
+
+    # The actor that owns every run sits on the head: on the worker node it would take the run with it.
+    launcher = ray.get_actor(LAUNCHER_NAME, namespace=settings.ray_namespace)
+    assert ray._private.state.actors(launcher._actor_id.hex())["Address"]["NodeID"] == head, "the launcher is not on the head"
 
     # The head's CPUs taken, the tune's one Train worker can only go to the worker node.
     squatter = ray.remote(num_cpus=two_nodes.cpus_per_node)(Squatter).options(
