@@ -10,16 +10,22 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 # pip's local wheel folder, where this machine keeps the CPU torch build; PyPI elsewhere (CUDA on GPU boxes).
 FIND_LINKS := $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global.find-links='\(.*\)'/\1/p")
-UV_FLAGS := --python $(PY) $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -c constraints.txt
+# --compile-bytecode: this machine (and many CI images) sets PYTHONDONTWRITEBYTECODE=1, so without .pyc files written
+# at install every Python process (each Ray worker, each test subprocess) compiles torch, transformers, diffusers
+# and Ray from source: `import tune.worker` took 26 s instead of 10 s (BENCHMARKS, time to first step).
+UV_FLAGS := --python $(PY) $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -c constraints.txt --compile-bytecode
 
 .PHONY: setup demo cluster-demo test e2e cluster-faults bench clean
 
 setup:
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A new venv is compiled by uv (--compile-bytecode), so it starts with the stamp the step below looks for.
+	@test -x $(PY) || { $(PYTHON) -m venv $(VENV) && touch $(VENV)/.bytecode-compiled; }
 	@test -x $(UV) || $(PY) -m pip install -q uv
 	@# torch first and pinned: a later resolve must never swap in a multi-GB CUDA build.
 	$(UV) pip install -q $(UV_FLAGS) torch==2.13.0
 	$(UV) pip install -q $(UV_FLAGS) -e '.[dev]'
+	@# A venv made before --compile-bytecode holds no .pyc files; compile them once (uv skips installed packages).
+	@test -f $(VENV)/.bytecode-compiled || { $(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null 2>&1; touch $(VENV)/.bytecode-compiled; }
 	@# DeepSpeed's CPU comm op, compiled once into .venv/torch_extensions rather than in a tune's start-up.
 	$(PY) -m tune.ds_ops
 

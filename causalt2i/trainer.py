@@ -26,7 +26,6 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from causalt2i.data.merge import build_training_canvases
 from causalt2i.method import CausalT2I, Probe
 from causalt2i.models import SDXLParts, attn2_state, load_sdxl, resolve_dtype
 from causalt2i.spec import SpecError, TuningSpec, check_spec_against_tokenizers
+from causalt2i.train_result import TrainResult  # noqa: F401  (re-exported: what fit() returns)
 
 ADAPTER_DIR = "adapter"
 SPEC_FILE = "spec.json"
@@ -60,17 +60,6 @@ class LocalOptimizerStep:
         loss.backward()
         self.optimizer.step()
         self.lr_schedule.step()
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path | None
-    step: int
-    total_steps: int
-    stopped_early: bool
-    stop_reason: str | None = None
-    losses: list[float] = field(default_factory=list)
-    resumed_from: int | None = None
 
 
 def default_device() -> torch.device:

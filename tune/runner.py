@@ -23,7 +23,7 @@ from typing import Literal
 import ray
 
 from causalt2i.spec import TuningSpec
-from causalt2i.trainer import TrainResult
+from causalt2i.train_result import TrainResult
 from cluster.runner import AttemptContext, RayTaskRunner
 from tune.progress import JobProgressCallback
 from tune.startup_trace import mark

@@ -71,7 +71,7 @@ from ray.tune import Callback, Stopper
 from causalt2i.atomic import atomic_write_bytes, atomic_write_text
 from causalt2i.callbacks import StepInfo
 from causalt2i.spec import Distribution, ScoreWeights, SearchConfig, SpecError, TuningSpec
-from causalt2i.trainer import TrainResult
+from causalt2i.train_result import TrainResult
 from cluster.config import MetricSettings
 from cluster.evaluation import metric_suite_for
 from cluster.runner import AttemptContext, ProgressSink

@@ -20,7 +20,7 @@ import torch
 from causalt2i.adapter import TE1_ROWS, TE2_ROWS, save_adapter
 from causalt2i.atomic import atomic_write_text
 from causalt2i.callbacks import StepInfo
-from causalt2i.trainer import TrainResult
+from causalt2i.train_result import TrainResult
 
 FAKE_FINGERPRINT = "fake-base-fingerprint"
 
