@@ -6,11 +6,19 @@ start-up on the 2-core CI machine, and a home-wide cache is rebuilt whenever ano
 (another checkout, another torch) builds the same op there. So the build directory defaults to one inside
 this virtual environment, `make setup` fills it (`python -m tune.ds_ops`), and every run loads it from
 there: the later load only checks the build is current and opens the shared object.
+
+torch runs whichever `ninja` is first on PATH, and ninja 1.12+ keeps its build log in a format older ninjas discard
+(and the reverse): a process whose PATH has this environment's `bin/` (an activated venv, `make cluster-demo`) and
+one whose PATH does not (`.venv/bin/python -m ...`, a Ray worker started by `.venv/bin/ray`) meet the system's
+ninja and this environment's in turn, and each rebuilt the op — 70–83 s inside a tune's start-up, seen in CI after
+`make cluster-demo`. So every build and load here uses this environment's ninja (the `ninja` package DeepSpeed
+depends on), whatever the caller's PATH.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,9 +34,33 @@ def use_prebuilt_ops() -> str:
     """Point torch's extension builds at this environment's prebuilt folder unless one is named already, and
     clear build locks their builders left behind (see `clear_stale_build_locks`)."""
     where = os.environ.setdefault(EXTENSIONS_ENV, str(default_extensions_dir()))
+    pin_ninja()
     for lock in clear_stale_build_locks(Path(where)):
         print(f"tune.ds_ops: removed a stale build lock no process holds: {lock}", file=sys.stderr, flush=True)
     return where
+
+
+def environment_ninja() -> Path | None:
+    """The ninja binary of this environment's `ninja` package, or None where the package is not installed."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    binary = Path(ninja.BIN_DIR) / "ninja"
+    return binary if binary.exists() else None
+
+
+def pin_ninja() -> Path | None:
+    """Put this environment's ninja first on this process's PATH (which torch's builds search), unless it is
+    already the one found; returns the ninja that builds will run."""
+    binary = environment_ninja()
+    if binary is None:
+        found = shutil.which("ninja")
+        return Path(found) if found else None
+    found = shutil.which("ninja")
+    if found is None or Path(found).resolve() != binary.resolve():
+        os.environ["PATH"] = os.pathsep.join([str(binary.parent), os.environ.get("PATH", "")])
+    return binary
 
 
 def clear_stale_build_locks(extensions_dir: Path) -> list[Path]:
@@ -81,7 +113,7 @@ def main() -> None:
     built = build_ops()
     where = os.environ[EXTENSIONS_ENV]
     names = ", ".join(built) or "none needed on this accelerator"
-    print(f"DeepSpeed ops in {where}: {names} ({time.perf_counter() - started:.1f} s)")
+    print(f"DeepSpeed ops in {where}: {names}, ninja {shutil.which('ninja')} ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":

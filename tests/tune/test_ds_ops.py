@@ -1,4 +1,5 @@
-"""The DeepSpeed op build folder: a lock left by a killed builder is cleared, a held one is not."""
+"""The DeepSpeed op build folder: a lock left by a killed builder is cleared, a held one is not; builds always run
+this environment's ninja."""
 
 from __future__ import annotations
 
@@ -39,3 +40,38 @@ def test_use_prebuilt_ops_clears_the_named_folder(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "op" / "lock").exists()
     assert "stale build lock" in capsys.readouterr().err
     assert os.environ[EXTENSIONS_ENV] == str(tmp_path)
+
+
+def _fake_ninja(folder):
+    folder.mkdir()
+    fake = folder / "ninja"
+    fake.write_text("#!/bin/sh\necho 1.11.1\n")  # what Debian's ninja-build answers: another log format
+    fake.chmod(0o755)
+    return fake
+
+
+def test_builds_run_this_environments_ninja_whatever_is_first_on_path(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from tune.ds_ops import EXTENSIONS_ENV, environment_ninja, use_prebuilt_ops
+
+    ours = environment_ninja()
+    assert ours is not None, "the ninja package (a DeepSpeed dependency) is not installed"
+    fake = _fake_ninja(tmp_path / "system-bin")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(fake.parent), "/usr/bin", "/bin"]))
+    monkeypatch.setenv(EXTENSIONS_ENV, str(tmp_path / "ext"))
+    assert Path(shutil.which("ninja")) == fake
+    use_prebuilt_ops()
+    assert Path(shutil.which("ninja")).resolve() == ours.resolve()
+    assert str(fake.parent) in os.environ["PATH"].split(os.pathsep)  # the rest of PATH is kept, only shadowed
+
+
+def test_a_path_already_finding_this_environments_ninja_is_left_as_it_is(tmp_path, monkeypatch):
+    from tune.ds_ops import EXTENSIONS_ENV, environment_ninja, pin_ninja
+
+    path = os.pathsep.join([str(environment_ninja().parent), str(_fake_ninja(tmp_path / "system-bin").parent)])
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv(EXTENSIONS_ENV, str(tmp_path / "ext"))
+    assert pin_ninja() == environment_ninja()
+    assert os.environ["PATH"] == path
