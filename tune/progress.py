@@ -10,7 +10,7 @@ from __future__ import annotations
 from ray.train import UserCallback
 
 from causalt2i.callbacks import StepInfo
-from cluster.runner import ProgressSink
+from cluster.progress_sink import ProgressSink
 
 LOSS_TERMS = ("cdm", "attn", "cst", "text")
 

@@ -74,7 +74,8 @@ from causalt2i.spec import Distribution, ScoreWeights, SearchConfig, SpecError, 
 from causalt2i.train_result import TrainResult
 from cluster.config import MetricSettings
 from cluster.evaluation import metric_suite_for
-from cluster.runner import AttemptContext, ProgressSink
+from cluster.progress_sink import ProgressSink
+from cluster.runner import AttemptContext
 from tune.train_run import ADAPTER_SUBDIR
 
 SCORE = "score"

@@ -6,7 +6,7 @@ from `ray.train.get_checkpoint()`, and reports the step it resumed from. At the 
 exports the adapter into the checkpoint, under `adapter/`.
 
 Previews are rendered by rank 0 alone, at the steps the in-process trainer renders them (`Trainer.preview_due`),
-and published with the job through the attempt's sink (`config["preview_sink"]`, a `cluster.runner.ProgressSink`,
+and published with the job through the attempt's sink (`config["preview_sink"]`, a `cluster.progress_sink.ProgressSink`,
 which pickles) exactly as the in-process trainer's callback publishes them. The other ranks go on to the next
 step and wait for rank 0 in its gradient all-reduce. A search trial's workers get no sink: its trials are not the
 job's previews.
