@@ -8,7 +8,11 @@ runtime env); the table gives each mark's time since admission (the scheduler ti
 and since the mark before it. `--runs 2` (the default) also shows a second run in the same Ray session,
 as the next job on a running cluster would see it.
 
-    .venv/bin/python bench/bench_startup.py [--runs 2] [--steps 2]
+`--watcher` picks `scheduler.preemption_watcher` (default `auto`: off on this one-node session); `--watcher
+both` alternates `on` and `auto` over the runs after the first, in the same Ray session, and ends with both
+modes' times to step 1 side by side.
+
+    .venv/bin/python bench/bench_startup.py [--runs 2] [--steps 2] [--watcher auto|on|off|both]
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ def one_run(scheduler, plane, trace: Path, name: str, steps: int, timeout_s: flo
     return sorted(events, key=lambda e: e[1])
 
 
+def _since_admission(events: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    origin = next(t for phase, t in events if phase.startswith("driver: admission"))
+    return [(phase, t - origin) for phase, t in events]
+
+
 def print_table(title: str, events: list[tuple[str, float]]) -> None:
     origin = next(t for phase, t in events if phase.startswith("driver: admission"))
     print(f"\n{title}\n\n| phase (mark) | since admission, s | since previous, s |\n|---|---|---|")
@@ -96,6 +105,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="runs in one Ray session (the first is cold)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take")
+    parser.add_argument("--watcher", choices=("auto", "on", "off", "both"), default="auto",
+                        help="scheduler.preemption_watcher; `both` alternates on/auto after the cold run")
     args = parser.parse_args()
 
     import ray
@@ -121,13 +132,23 @@ def main() -> None:
                                                        "lease_seconds": 60.0, "progress_write_seconds": 0.0})
             plane = ControlPlane.open(settings)
             plane.create_tenant("bench")
-            scheduler = Scheduler(settings, ray_train_runner())
+            modes = ["on", "auto"] if args.watcher == "both" else [args.watcher]
+            schedulers = {mode: Scheduler(settings.model_copy(update={"scheduler": settings.scheduler.model_copy(
+                update={"preemption_watcher": mode})}), ray_train_runner()) for mode in modes}
             load = os.getloadavg()
             print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load average {load[0]:.1f} at start")
+            to_step1: dict[str, list[float]] = {mode: [] for mode in modes}
             for index in range(args.runs):
-                events = one_run(scheduler, plane, trace, f"startup-{index}", args.steps, args.timeout)
-                print_table(f"run {index + 1} ({'cold Ray session' if index == 0 else 'same Ray session'})", events)
+                mode = modes[(index - 1) % len(modes)] if index else modes[-1]
+                events = one_run(schedulers[mode], plane, trace, f"startup-{index}", args.steps, args.timeout)
+                print_table(f"run {index + 1} ({'cold Ray session' if index == 0 else 'same Ray session'}, "
+                            f"preemption watcher {mode})", events)
+                if index:
+                    to_step1[mode].extend(t for phase, t in _since_admission(events) if phase == "worker: step 1 done")
             print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+            print("\n| preemption watcher | warm runs: admission to step 1, s |\n|---|---|")
+            for mode, seconds in to_step1.items():
+                print(f"| {mode} | {', '.join(f'{s:.1f}' for s in seconds)} |")
         finally:
             ray.shutdown()
 

@@ -21,6 +21,7 @@ with `__`, e.g. `CT2I_SCHEDULER__RUNNER=ray_task`, `CT2I_LIMITS__MAX_IMAGES_PER_
 | `CT2I_WEBHOOK_ALLOW_NETWORKS` | comma-separated CIDRs of non-global addresses webhooks may reach (metadata never) | none |
 | `CT2I_SCHEDULER__RUNNER` | how admitted jobs run: `ray_train` (Ray Train, Tune for `search:`), `ray_task` (the in-process trainer in a Ray task), `inline` (a thread) | `ray_train` |
 | `CT2I_SCHEDULER__WORKER_START_TIMEOUT_S` | a Train worker group that cannot start within this fails its job | 300 |
+| `CT2I_SCHEDULER__PREEMPTION_WATCHER` | Ray Train's preemption watcher for job runs: `auto` (on unless the cluster is one fixed node), `on`, `off` | `auto` |
 | `CT2I_SERVE__MAX_STREAMS_PER_TENANT` / `CT2I_SERVE__MAX_GENERATIONS_PER_TENANT` | SSE streams / generate calls one tenant may hold at once, per ingress replica (past it 429 + Retry-After) | 5 / 4 |
 | `CT2I_SERVE__MAX_STREAMS` / `CT2I_SERVE__MAX_GENERATIONS` | the same for all tenants together, per ingress replica (past it 503); their sum stays below the Ingress `max_ongoing_requests` | 64 / 32 |
 | `CT2I_RAY_BIND_HOST` | address a local Ray (`ct2i serve`, the demos) binds its GCS, raylet, object manager, dashboard and metrics agent to | `127.0.0.1` |
@@ -55,6 +56,13 @@ class SchedulerSettings(Section):
     min_charge_s: Annotated[float, Field(ge=0, description="a just-admitted job counts as at least this many seconds of its GPUs")] = 60.0
     starvation_after_s: Annotated[float, Field(ge=0, description="a job queued longer than this gets capacity reserved for it")] = 600.0
     worker_start_timeout_s: Annotated[float, Field(gt=0, description="a Train worker group that cannot start within this fails its job")] = 300.0
+    # Ray Train's preemption watcher (an actor per run that polls for draining nodes, so a preempted worker node
+    # costs a restart that does not count against the run's max_failures) is only of use where a worker can sit on
+    # a node other than the controller's; on a fixed one-node cluster a drain takes the controller too, and the
+    # watcher's fresh process was ~3.6 s of a 2-core machine's 24 s to step 1 (BENCHMARKS, "time to first step").
+    preemption_watcher: Annotated[Literal["auto", "on", "off"], Field(description=(
+        "Ray Train's preemption watcher for job runs: `auto` = on where the cluster has more than one node or "
+        "can add nodes (`node_types` set), off on a fixed one-node cluster"))] = "auto"
 
 
 class RequestLimits(Section):

@@ -27,7 +27,8 @@ from causalt2i.train_result import TrainResult
 from cluster.runner import AttemptContext, RayTaskRunner
 from tune.progress import JobProgressCallback
 from tune.startup_trace import mark
-from tune.train_run import ADAPTER_SUBDIR, build_torch_trainer, storage_path, worker_resources, worker_start_timeout_env
+from tune.train_run import (ADAPTER_SUBDIR, build_torch_trainer, preemption_watcher_env, storage_path, worker_resources,
+                             worker_start_timeout_env)
 
 CANCEL_POLL_SECONDS = 1.0
 
@@ -37,12 +38,12 @@ class WorkerGroupDidNotStart(RuntimeError):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _fit(trainer, worker_start_timeout_s: float) -> dict:
+def _fit(trainer, train_env: dict[str, str]) -> dict:
     """Drive one `fit()`. Ray Train hands the controller the `RAY_TRAIN_*` variables of this process's environment,
-    so the timeout is set here rather than as a runtime env of this task: a task with its own runtime env
-    cannot run in one of Ray's already started (and already imported) worker processes, and waited for a
-    fresh one (10 s on a loaded 2-core machine)."""
-    os.environ.update(worker_start_timeout_env(worker_start_timeout_s))
+    so they (the worker-group timeout, the preemption watcher switch) are set here rather than as a runtime env
+    of this task: a task with its own runtime env cannot run in one of Ray's already started (and already
+    imported) worker processes, and waited for a fresh one (10 s on a loaded 2-core machine)."""
+    os.environ.update(train_env)
     mark("fit task: started")
     result = trainer.fit()
     mark("fit task: fit returned")
@@ -104,7 +105,11 @@ class RayTrainFn:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        ref = _fit.options(scheduling_strategy=here).remote(trainer, timeout_s)
+        alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        train_env = {**worker_start_timeout_env(timeout_s),
+                     **preemption_watcher_env(ctx.settings.scheduler.preemption_watcher, alive_nodes=alive_nodes,
+                                              can_add_nodes=bool(ctx.settings.node_types))}
+        ref = _fit.options(scheduling_strategy=here).remote(trainer, train_env)
         while True:
             ready, _ = ray.wait([ref], timeout=CANCEL_POLL_SECONDS)
             if ready:

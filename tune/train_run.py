@@ -8,6 +8,7 @@ from causalt2i.spec import TuningSpec
 DEFAULT_MAX_FAILURES = 2
 ADAPTER_SUBDIR = "adapter"  # where the last checkpoint holds the exported adapter
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def storage_path(artifacts_uri: str) -> str:
@@ -63,3 +64,15 @@ def worker_start_timeout_env(seconds: float) -> dict[str, str]:
     """The environment variable that bounds a Train controller's wait for its worker group (it reads it at start;
     Ray Train copies it from the driving process's environment into the controller's)."""
     return {WORKER_START_TIMEOUT_ENV: str(float(seconds))}
+
+
+def preemption_watcher_env(mode: str, *, alive_nodes: int, can_add_nodes: bool) -> dict[str, str]:
+    """The variable that switches Ray Train's preemption watcher (`scheduler.preemption_watcher`) for one run.
+
+    `auto` keeps it wherever a Train worker can run on a node other than the controller's: more than one node is
+    alive, or the cluster autoscales (`node_types` set), so the head may be alone when the job is admitted. On a
+    fixed one-node cluster it has nothing to save (a drained node takes the controller and the run with it) and
+    costs a fresh Ray process per run, booting beside the worker's imports.
+    """
+    enabled = mode == "on" or (mode == "auto" and (alive_nodes > 1 or can_add_nodes))
+    return {PREEMPTION_WATCHER_ENV: "1" if enabled else "0"}

@@ -348,6 +348,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+def actors_created(class_name: str) -> int:
+    """Actors of `class_name` this Ray cluster has created, alive or dead (the GCS keeps dead actors listed): Ray
+    Train's per-run helpers (`PreemptionWatcher`) are gone by the time a run has ended."""
+    import ray
+
+    return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == class_name)
+
+
 def node_of(marker: Path, timeout: float = 600.0) -> dict:
     """The node a held Train worker runs on, from the marker `tune.worker`'s `hold` fault writes: {"node_id",
     "pid", "step", "rank"}; waits for it."""

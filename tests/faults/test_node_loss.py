@@ -32,6 +32,7 @@ from cluster.config import ControlPlaneSettings
 from cluster.db import Adapter, JobEvent
 from cluster.scheduler import Scheduler
 from cluster.service import ControlPlane
+from tests.faults.conftest import actors_created
 from tests.tune.conftest import two_subject_spec
 from tune.runner import ray_train_runner
 from tune.train_run import storage_path
@@ -122,10 +123,15 @@ def test_a_lost_worker_node_resumes_the_tune_on_the_head_from_shared_checkpoints
     # The uninterrupted run the resumed one must equal (placed wherever Ray likes; both nodes are alive).
     spec, images = two_subject_spec("acme", "cat-dog", steps=STEPS, checkpoint_every=EVERY, num_workers=1)
     reference = plane.submit("acme", spec, images)
+    watchers_before = actors_created("PreemptionWatcher")
     with Ticking(Scheduler(settings, ray_train_runner())):
         _wait(lambda: _ended(plane, reference.id), 900, "the uninterrupted run")
     reference = plane.get_job("acme", reference.id)
     assert reference.state == "succeeded", reference.error
+    # Two nodes alive (scheduler.preemption_watcher `auto`): the run keeps Ray Train's preemption watcher, so a
+    # drained worker node would cost a restart outside max_failures (tests/faults/test_ray_train_previews.py: none
+    # on one node).
+    assert actors_created("PreemptionWatcher") == watchers_before + 1
     from cluster.runner import LAUNCHER_NAME
 
     # The actor that owns every run sits on the head: on the worker node it would take the run with it.
