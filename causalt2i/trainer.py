@@ -40,7 +40,7 @@ from causalt2i.data.merge import build_training_canvases
 from causalt2i.method import CausalT2I, Probe
 from causalt2i.models import SDXLParts, attn2_state, load_sdxl, resolve_dtype
 from causalt2i.spec import SpecError, TuningSpec, check_spec_against_tokenizers
-from causalt2i.train_result import TrainResult  # noqa: F401  (re-exported: what fit() returns)
+from causalt2i.train_result import TrainResult  # also re-exported: what fit() returns
 
 ADAPTER_DIR = "adapter"
 SPEC_FILE = "spec.json"

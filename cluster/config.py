@@ -59,7 +59,7 @@ class SchedulerSettings(Section):
     # Ray Train's preemption watcher (an actor per run that polls for draining nodes, so a preempted worker node
     # costs a restart that does not count against the run's max_failures) is only of use where a worker can sit on
     # a node other than the controller's; on a fixed one-node cluster a drain takes the controller too, and the
-    # watcher's fresh process was ~3.6 s of a 2-core machine's 24 s to step 1 (BENCHMARKS, "time to first step").
+    # watcher's fresh process cost 1-3.6 s of a 2-core machine's 21-24 s to step 1 (BENCHMARKS, "time to first step").
     preemption_watcher: Annotated[Literal["auto", "on", "off"], Field(description=(
         "Ray Train's preemption watcher for job runs: `auto` = on where the cluster has more than one node or "
         "can add nodes (`node_types` set), off on a fixed one-node cluster"))] = "auto"

@@ -40,7 +40,7 @@ def test_a_ray_train_run_publishes_its_previews_with_the_job(settings, plane):
     watchers_before = actors_created("PreemptionWatcher")
     run_until_done(Scheduler(settings, ray_train_runner()), plane, [job_id], timeout=800)
     # One fixed node (scheduler.preemption_watcher `auto`): a drain would take the controller too, so the run
-    # starts no watcher (its fresh process was ~3.6 s of the time to step 1; tests/faults/test_node_loss.py
+    # starts no watcher (its fresh process cost 1-3.6 s of the time to step 1 here; tests/faults/test_node_loss.py
     # shows one started where there are two nodes).
     assert actors_created("PreemptionWatcher") == watchers_before
 
