@@ -91,10 +91,16 @@ class RayTrainFn:
         storage = storage_path(ctx.settings.artifacts_uri)
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         timeout_s = ctx.settings.scheduler.worker_start_timeout_s
+        alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        # For every Train controller this attempt starts: the fit task's below, or each search trial's.
+        train_env = {**worker_start_timeout_env(timeout_s),
+                     **preemption_watcher_env(ctx.settings.scheduler.preemption_watcher, alive_nodes=alive_nodes,
+                                              can_add_nodes=bool(ctx.settings.node_types))}
         if spec.search is not None:
             from tune.search import run_search
 
-            return run_search(spec, run_dir, storage=storage, use_gpu=use_gpu, ctx=ctx, trials=self.trials)
+            return run_search(spec, run_dir, storage=storage, use_gpu=use_gpu, ctx=ctx, trials=self.trials,
+                              train_env=train_env)
         trainer = build_torch_trainer(spec, name=ctx.run_name, storage=storage, use_gpu=use_gpu,
                                       callbacks=[JobProgressCallback(ctx.progress)], fault=self.fault,
                                       preview_sink=ctx.progress)
@@ -105,10 +111,6 @@ class RayTrainFn:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        train_env = {**worker_start_timeout_env(timeout_s),
-                     **preemption_watcher_env(ctx.settings.scheduler.preemption_watcher, alive_nodes=alive_nodes,
-                                              can_add_nodes=bool(ctx.settings.node_types))}
         ref = _fit.options(scheduling_strategy=here).remote(trainer, train_env)
         while True:
             ready, _ = ray.wait([ref], timeout=CANCEL_POLL_SECONDS)

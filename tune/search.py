@@ -57,6 +57,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -288,13 +289,18 @@ def _final_report(scored: dict, final: dict, spec: TuningSpec, adapter_source) -
 
 
 def run_trial(config: dict, *, spec: TuningSpec, storage: str, search_name: str, use_gpu: bool,
-              metrics: MetricSettings) -> None:
-    """The Tune function trainable of `trials: ray_train`: train one TorchTrainer, score its adapter, report."""
+              metrics: MetricSettings, train_env: dict[str, str]) -> None:
+    """The Tune function trainable of `trials: ray_train`: train one TorchTrainer, score its adapter, report.
+
+    `train_env` holds the `RAY_TRAIN_*` switches a job's run gets (`tune.runner`: the worker-group start timeout, the
+    preemption watcher). Ray Train hands its controller those of the process that calls `fit()`, here the trial's own
+    process (a fresh one per trial, `reuse_actors=False`), so they are set in it."""
     from ray import tune
     from ray.train import Checkpoint
 
     from tune.train_run import build_torch_trainer
 
+    os.environ.update(train_env)
     trial = trial_spec(spec, config)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_torch_trainer(trial, name=f"{search_name}--{trial_id}", storage=storage, use_gpu=use_gpu,
@@ -487,8 +493,10 @@ def plot_search(record: SearchRecord) -> bytes:
 
 
 def run_search(spec: TuningSpec, run_dir: str | Path, *, storage: str, use_gpu: bool, ctx: AttemptContext,
-               trials: Literal["ray_train", "in_process"] = "ray_train") -> TrainResult:
-    """Run the spec's search as one Tune run; return the best trial's adapter (with search.json/png beside it)."""
+               trials: Literal["ray_train", "in_process"] = "ray_train", train_env: dict[str, str] | None = None) -> TrainResult:
+    """Run the spec's search as one Tune run; return the best trial's adapter (with search.json/png beside it).
+
+    `train_env`: the `RAY_TRAIN_*` variables for each `ray_train` trial's Train run (see `run_trial`)."""
     from ray import tune
 
     search = check_search(spec)
@@ -500,7 +508,8 @@ def run_search(spec: TuningSpec, run_dir: str | Path, *, storage: str, use_gpu: 
                                         {"cpu": spec.resources.cpus_per_worker})
     else:
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, storage=storage, search_name=name, use_gpu=use_gpu, metrics=metrics),
+            tune.with_parameters(run_trial, spec=spec, storage=storage, search_name=name, use_gpu=use_gpu, metrics=metrics,
+                                 train_env=dict(train_env or {})),
             TRIAL_RESOURCES)
     tuner = tune.Tuner(
         trainable,

@@ -1,6 +1,6 @@
-"""Training previews on the Ray Train path (here, not in `make test`: one DeepSpeed worker start and a two-step
-run took 210 s to 333 s (plus 40 to 90 s of Ray start-up) on the loaded 2-core box, 2026-12-02; `make cluster-faults`
-runs it).
+"""Training previews on the Ray Train path, and the Train switches of a search's Ray Train trials (here, not in
+`make test`: one DeepSpeed worker start and a two-step run took 210 s to 333 s (plus 40 to 90 s of Ray start-up) on
+the loaded 2-core box, 2026-12-02; `make cluster-faults` runs it).
 
 Rank 0 of the worker group renders the previews at the steps the in-process trainer renders them, and they are
 published with the job through the attempt's sink, exactly as the in-process trainer's callback publishes them:
@@ -68,3 +68,33 @@ def test_a_ray_train_run_publishes_its_previews_with_the_job(settings, plane):
     assert isinstance(published["overall"]["clip_t"], float)
     with Image.open(io.BytesIO(plane.adapter_file("acme", job.adapter_id, "report.png"))) as report:
         assert report.format == "PNG"
+
+
+@pytest.mark.parametrize(("watcher", "watchers_per_trial"), [("auto", 0), ("on", 1)])
+def test_a_searchs_train_trials_get_the_platforms_train_switches(settings, plane, watcher, watchers_per_trial):
+    """Each `trials: ray_train` trial is a TorchTrainer started from the trial's own process, not the fit task that
+    sets a job's `RAY_TRAIN_*` switches: `tune.search.run_trial` sets them there. Shown by the preemption watcher on
+    this one node: none under `auto`, one per trial when it is switched `on` (so the count can see a watcher)."""
+    from tune.runner import RayTrainFn
+    from tune.search import read_search_record
+
+    switched = settings.model_copy(update={"scheduler": settings.scheduler.model_copy(update={"preemption_watcher": watcher})})
+    plane.create_tenant("acme")
+    spec, images = two_subject_spec("acme", f"search-{watcher}", steps=2, checkpoint_every=2, num_workers=1)
+    spec["search"] = {"num_samples": 1, "max_concurrent": 1, "alpha_scale": {"loguniform": [0.5, 2.0]},
+                      "lambda_attn": {"uniform": [0.5, 1.5]}, "guidance_scale": {"choice": [5.0]},
+                      "eval_prompts": 1, "eval_seeds": [0, 1], "eval_steps": 2, "grace_period": 2}
+    job_id = plane.submit("acme", spec, images).id
+    watchers_before = actors_created("PreemptionWatcher")
+    run_until_done(Scheduler(switched, ray_train_runner(RayTrainFn(trials="ray_train"))), plane, [job_id], timeout=800)
+
+    job = plane.get_job("acme", job_id)
+    assert job.state == "succeeded", job.error
+    assert actors_created("PreemptionWatcher") - watchers_before == watchers_per_trial
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as scratch:
+        plane.store.fetch_dir("acme", ("adapters", job.adapter_id), Path(scratch))
+        record = read_search_record(Path(scratch))
+    assert [t.status for t in record.trials] == ["finished"]
